@@ -1,0 +1,58 @@
+"""Options shared by several commands, and the progress/logging set-up of the command line."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+input_mpp_option = click.option(
+    "--input-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="UM",
+    help="Resolution (µm/px) of inputs whose files carry none, e.g. PNG tiles (0.25 for 40x, 0.5 for 20x). "
+    "Resolution metadata in a slide wins.",
+)
+mpp_option = click.option(
+    "--mpp",
+    type=click.FloatRange(min=0.05, max=50.0),
+    default=0.25,
+    show_default=True,
+    metavar="UM",
+    help="Working resolution in µm/px (0.25 = 40x; 20x material is upsampled).",
+)
+seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+workers_option = click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes. Results do not depend on it.",
+)
+out_option = click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=str),
+    required=True,
+    metavar="DIR",
+    help="Output folder (created if needed).",
+)
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines printed above any progress bar, as ``warning: ...``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=click.get_text_stream("stderr"))
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Send pysynth's log to stderr in the command line's format (idempotent)."""
+    logger = logging.getLogger("pysynth")
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        logger.addHandler(_TqdmHandler())
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False

@@ -1,0 +1,3 @@
+"""Type stub for the compiled core ``pysynth._core`` (kept in step with ``csrc/bindings.cpp``)."""
+
+def build_info() -> dict[str, str | int | bool]: ...

@@ -1,0 +1,66 @@
+"""Writing files so that an interrupted run never leaves a half-written one under its final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from pysynth.errors import PysynthError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it, and rename it into place.
+
+    Args:
+        path: Final file name.
+        data: Contents.
+
+    Raises:
+        OSError: If writing fails (disk full, no permission); no file is left behind under either name.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Like :func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create an output folder if needed and check that files can be written in it.
+
+    Args:
+        path: The folder.
+
+    Returns:
+        The folder as a ``Path``.
+
+    Raises:
+        PysynthError: If it cannot be created or written to.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise PysynthError(f"{path}: output path exists and is not a folder") from None
+    except OSError as exc:
+        raise PysynthError(f"{path}: cannot create output folder ({exc.strerror or exc})") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise PysynthError(f"{path}: output folder is not writable ({exc.strerror or exc})") from None
+    return path
