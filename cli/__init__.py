@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     except PysynthError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:  # disk full, permissions, ... while writing results
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        sys.exit(1)
     except (KeyboardInterrupt, click.Abort):
         click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
         sys.exit(130)

@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import click
 
-from pysynth.cli._options import input_mpp_option, mpp_option, out_option, seed_option, setup_logging, workers_option
+from pysynth.cli._options import (
+    input_mpp_option,
+    mpp_option,
+    out_option,
+    seed_option,
+    setup_logging,
+    workers_option,
+)
 
 
 @click.command("sample")
 @click.argument("inputs", nargs=-1, required=True, metavar="SLIDES_OR_IMAGES...")
 @out_option
 @click.option(
-    "--n-per-slide", type=click.IntRange(min=1), default=100, show_default=True, help="Patches per slide or image."
+    "--n-per-slide",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Patches per slide or image.",
 )
 @click.option(
-    "--size", type=click.IntRange(min=8, max=16384), default=460, show_default=True, help="Patch side in pixels."
+    "--size",
+    type=click.IntRange(min=8, max=16384),
+    default=460,
+    show_default=True,
+    help="Patch side in pixels.",
 )
 @mpp_option
 @click.option(
@@ -61,9 +76,14 @@ def sample_command(
     )
     with tqdm(total=len(sources) * n_per_slide, unit="patch", desc="sampling", dynamic_ncols=True) as bar:
         report = sample(
-            sources, unique_names(sources), out, config, workers=workers, overwrite=overwrite, progress=bar.update
+            sources,
+            unique_names(sources),
+            out,
+            config,
+            workers=workers,
+            overwrite=overwrite,
+            progress=bar.update,
         )
-    err = click.get_text_stream("stderr")
     for res in report.results:
         if res.warning:
             click.echo(f"warning: {res.warning}", err=True)
@@ -76,6 +96,6 @@ def sample_command(
     if report.failures:
         click.echo(f"failed: {len(report.failures)} source(s)", err=True)
         for res in report.failures:
-            click.echo(f"  error: {res.error}", file=err)
+            click.echo(f"  error: {res.error}", err=True)
         return 1
     return 0

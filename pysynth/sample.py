@@ -94,7 +94,12 @@ def source_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def place_patches(
-    tissue: object, shape_hw: tuple[int, int], extent: float, n: int, min_tissue: float, rng: np.random.Generator,
+    tissue: object,
+    shape_hw: tuple[int, int],
+    extent: float,
+    n: int,
+    min_tissue: float,
+    rng: np.random.Generator,
     candidates: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Choose up to ``n`` non-overlapping squares of side ``extent`` (level-0 px) with enough tissue.
@@ -222,8 +227,10 @@ def sample_source(
                 )
     except SlideError as exc:
         result.error = str(exc)
-    except OSError as exc:
-        result.error = f"{path}: {exc.strerror or exc}"
+    except OSError as exc:  # writing the patches failed (disk full, permissions)
+        result.error = f"{path}: writing its patches to {out_dir} failed ({exc.strerror or exc})"
+    if result.error is not None:
+        result.rows.clear()  # a failed source is redone whole on the next run
     return result
 
 
@@ -305,9 +312,12 @@ def sample(
     record = _params_record(config)
     if params_file.exists() and not overwrite:
         earlier = json.loads(params_file.read_text())
-        if earlier.get("params") != record["params"]:
+        before = earlier.get("params", {})
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in record["params"].items() if before.get(k) != v]
+        if changed:
             raise PysynthError(
-                f"{out_dir}: holds patches sampled with other settings; use another folder or --overwrite"
+                f"{out_dir}: holds patches sampled with other settings ({', '.join(changed)}); "
+                "use another folder or --overwrite"
             )
     if overwrite and state.exists():
         _forget_run(out_dir, state)

@@ -46,7 +46,8 @@ def collect_sources(inputs: Iterable[str | Path]) -> list[Path]:
         elif path.exists():
             found.append(path)
         elif glob.has_magic(text):
-            matches = sorted(Path(p) for p in glob.glob(text) if _is_candidate(Path(p)))
+            hits = glob.glob(text)  # noqa: PTH207 (a user's pattern may be absolute)
+            matches = sorted(Path(p) for p in hits if _is_candidate(Path(p)))
             if not matches:
                 raise InputError(f"{text}: pattern matches no slides or images")
             found.extend(matches)

@@ -41,9 +41,7 @@ def contact_sheet(
     return sheet
 
 
-def slide_overview(
-    thumbnail: np.ndarray, tissue: np.ndarray, boxes_xywh: np.ndarray, scale: float
-) -> np.ndarray:
+def slide_overview(thumbnail: np.ndarray, tissue: np.ndarray, boxes_xywh: np.ndarray, scale: float) -> np.ndarray:
     """A slide thumbnail with the tissue outline (green) and sampled regions (blue boxes).
 
     Args:

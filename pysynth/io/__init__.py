@@ -77,6 +77,18 @@ def open_slide(path: str | Path, input_mpp: float | None = None) -> SlideReader:
         return OpenSlideReader(path, input_mpp)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return open_image(path, input_mpp)
+    if _has_tiff_header(path):
+        raise SlideError(path, "a TIFF-based file OpenSlide cannot open: truncated or damaged")
     if path.suffix.lower() in SLIDE_SUFFIXES:
         raise SlideError(path, f"not a slide: OpenSlide does not recognise its content as {path.suffix} or any format")
     raise SlideError(path, f"unsupported file type {path.suffix or '(no suffix)'}")
+
+
+def _has_tiff_header(path: Path) -> bool:
+    """Whether the file starts like a TIFF or BigTIFF (most slide formats are TIFF inside)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")

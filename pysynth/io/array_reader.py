@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,7 +52,7 @@ class ArrayReader:
         downsamples = [1.0]
         for level in checked[1:]:
             downsamples.append(((h0 / level.shape[0]) + (w0 / level.shape[1])) / 2.0)
-        if any(b <= a for a, b in zip(downsamples, downsamples[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(downsamples)):
             raise ValueError(f"levels must shrink from level 0 on, got downsamples {downsamples}")
         if not mpp > 0:
             raise ValueError(f"mpp must be positive, got {mpp}")

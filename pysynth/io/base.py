@@ -118,9 +118,7 @@ def level0_extent(reader: SlideReader, size_px: float, mpp: float) -> float:
     return size_px * mpp / reader.mpp
 
 
-def read_region(
-    reader: SlideReader, x0: float, y0: float, shape_hw: tuple[int, int], mpp: float
-) -> np.ndarray:
+def read_region(reader: SlideReader, x0: float, y0: float, shape_hw: tuple[int, int], mpp: float) -> np.ndarray:
     """Read pixels at a physical resolution.
 
     The output's pixel ``(i, j)`` covers level-0 coordinates ``x0 + j·f … x0 + (j+1)·f`` (likewise for rows) with

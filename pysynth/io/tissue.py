@@ -23,7 +23,7 @@ def _disk(radius_px: float) -> np.ndarray:
 
 
 def _drop_small(mask: np.ndarray, min_area_px: float) -> np.ndarray:
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    _count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_area_px
     keep[0] = False
     return keep[labels]
@@ -137,7 +137,10 @@ class TissueMask:
         x0, y0 = np.asarray(x, np.float64) / s, np.asarray(y, np.float64) / s
         x1, y1 = x0 + w / s, y0 + h / s
         covered = (
-            self._integral_at(x1, y1) - self._integral_at(x0, y1) - self._integral_at(x1, y0) + self._integral_at(x0, y0)
+            self._integral_at(x1, y1)
+            - self._integral_at(x0, y1)
+            - self._integral_at(x1, y0)
+            + self._integral_at(x0, y0)
         )
         return np.clip(covered / ((w / s) * (h / s)), 0.0, 1.0)
 

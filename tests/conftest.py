@@ -1,0 +1,85 @@
+"""Shared fixtures. TRITON_INTERPRET must be set before anything imports triton, so it is set here first."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "needs_cuda" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The project's shared real data (../shared/data); tests using it skip clearly where it is absent."""
+    path = SHARED / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared data folder not present ({path.name} beside the project)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_slide() -> Path:
+    """The bundled real Aperio slide (20x, 0.499 µm/px)."""
+    from pysynth import data_path
+
+    return data_path("CMU-1-Small-Region.svs")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def tissue_rgb() -> np.ndarray:
+    """A 600×800 RGB crop of real tissue from the bundled slide, at its native 0.499 µm/px."""
+    from pysynth import data_path
+    from pysynth.io import open_slide
+
+    with open_slide(data_path("CMU-1-Small-Region.svs")) as slide:
+        return slide.read_level(0, 700, 1500, 800, 600)
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if "error:" in line]
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]):
+    """Run ``pysynth ARGS`` in this process; returns exit code, stdout and stderr."""
+    from pysynth.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
