@@ -1,0 +1,132 @@
+"""Every parameter of the initial synthesis in one frozen, validated configuration.
+
+Sizes are in pixels at 40x (0.25 µm/px), the resolution synthesis works at. Defaults follow the published method
+and its authors' released code (``method.md`` §2); where pysynth departs from them, the field says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Parameters of the GAN-free synthesis (units: px at 0.25 µm/px unless stated).
+
+    Attributes:
+        size: Side of a synthetic patch.
+        mpp: Resolution of synthesis in µm/px (sources are resampled to it).
+        vertices: Range of polygon vertex counts (inclusive).
+        irregularity: Angular irregularity of vertices, as a fraction of 2π/N (1 in the released code).
+        spikiness: Range of the radius spread, as a fraction of the mean radius.
+        radius: Range of the mean radius before the per-patch size factor.
+        size_factor: Mean and sd of the per-patch size factor (normal), and its clip range.
+        count_per_400: Mean and sd of the nucleus count per 400×400 px (normal), clipped to [0, max_count_per_400].
+        max_count_per_400: Most nuclei per 400×400 px.
+        empty_fraction: Fraction of patches without nuclei.
+        adapt_density: Scale count and size to the source tile's nuclear density (the released code meant to; a bug
+            disabled it).
+        reference_density: Nuclear foreground fraction of a typical tile, by pysynth's Otsu on the smoothed
+            hematoxylin of tissue pixels (the released code's 0.06 was for its own, different, measure; 0.25 is the
+            median over the 30 unlabelled MoNuSeg training tiles); density adaptation is relative to it.
+        density_clip: Range of the count multiplier from density adaptation.
+        smooth_polygons: Rounds of Chaikin corner cutting applied to each polygon (0: the raw polygon). Real
+            nuclear outlines are smooth; raw random polygons are angular, a cue only synthetic patches carry.
+        max_overlap: A new nucleus may overlap existing ones by at most this fraction of its own area.
+        redraws: Tries per nucleus before giving up on it.
+        warp: Largest corner displacement of the per-patch perspective warp, as a fraction of the side.
+        super_percentile_shift: Super-segmentation: foreground grown so it is this much larger than Otsu's (fraction).
+        super_dilate: Super-segmentation: dilation radius after thresholding (px), so halos go too.
+        local_contrast: Super-segmentation: also take pixels whose hematoxylin exceeds its 8 µm surroundings by this
+            much (catches pale nuclei Otsu misses).
+        texture_contrast: Range of chromatin texture contrast (relative modulation of nuclear optical density).
+        gain_range: Range of the smooth random gain field on nuclear density.
+        clear_chromatin: Fraction of nuclei with cleared (vesicular) interiors.
+        rim: Range of extra optical density on the membrane rim (relative).
+        blur_sigma: Range of boundary blur (Gaussian sigma, px), varying smoothly across the patch.
+        darkness_jitter: Multiplicative jitter of each nucleus' density around a real nucleus' density.
+        debris_rate: Mean count of dark debris specks per 400×400 px (unlabelled distractors).
+        blob_rate: Mean count of pale out-of-focus blobs per 400×400 px (unlabelled distractors).
+        colour_jitter: Per-channel multiplicative jitter of optical density (background and nuclei separately).
+    """
+
+    size: int = 200
+    mpp: float = 0.25
+    vertices: tuple[int, int] = (10, 17)
+    irregularity: float = 1.0
+    spikiness: tuple[float, float] = (0.04, 0.24)
+    radius: tuple[float, float] = (8.5, 13.0)
+    size_factor: tuple[float, float, float, float] = (1.33, 0.32, 0.7, 2.2)
+    count_per_400: tuple[float, float] = (50.0, 40.0)
+    max_count_per_400: int = 256
+    empty_fraction: float = 0.1
+    adapt_density: bool = True
+    reference_density: float = 0.25
+    density_clip: tuple[float, float] = (0.4, 2.5)
+    smooth_polygons: int = 2
+    max_overlap: float = 0.15
+    redraws: int = 50
+    warp: float = 0.15
+    super_percentile_shift: float = 0.08
+    super_dilate: int = 2
+    local_contrast: float = 0.12
+    texture_contrast: tuple[float, float] = (0.1, 0.45)
+    gain_range: tuple[float, float] = (0.67, 1.33)
+    clear_chromatin: float = 0.3
+    rim: tuple[float, float] = (0.0, 0.6)
+    blur_sigma: tuple[float, float] = (0.4, 1.6)
+    darkness_jitter: float = 0.2
+    debris_rate: float = 3.0
+    blob_rate: float = 1.5
+    colour_jitter: float = 0.04
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str) -> None:
+            if not ok:
+                raise ValueError(f"SynthConfig.{name} is out of range: {getattr(self, name)!r}")
+
+        def ordered(name: str, lo: float = 0.0) -> None:
+            a, b = getattr(self, name)[:2]
+            check(lo <= a <= b, name)
+
+        check(16 <= self.size <= 4096, "size")
+        check(0.05 <= self.mpp <= 2.0, "mpp")
+        ordered("vertices", 3)
+        check(0.0 <= self.irregularity <= 1.0, "irregularity")
+        ordered("spikiness")
+        ordered("radius", 1.0)
+        mean, sd, lo, hi = self.size_factor
+        check(mean > 0 and sd >= 0 and 0 < lo <= hi, "size_factor")
+        check(self.count_per_400[0] >= 0 and self.count_per_400[1] >= 0, "count_per_400")
+        check(0 <= self.max_count_per_400 <= 4096, "max_count_per_400")
+        check(0.0 <= self.empty_fraction <= 1.0, "empty_fraction")
+        check(0.0 < self.reference_density < 1.0, "reference_density")
+        ordered("density_clip", 1e-3)
+        check(0 <= self.smooth_polygons <= 4, "smooth_polygons")
+        check(0.0 <= self.max_overlap <= 1.0, "max_overlap")
+        check(1 <= self.redraws <= 1000, "redraws")
+        check(0.0 <= self.warp <= 0.4, "warp")
+        check(0.0 <= self.super_percentile_shift <= 0.5, "super_percentile_shift")
+        check(0 <= self.super_dilate <= 10, "super_dilate")
+        check(0.0 <= self.local_contrast, "local_contrast")
+        ordered("texture_contrast")
+        ordered("gain_range", 1e-3)
+        check(0.0 <= self.clear_chromatin <= 1.0, "clear_chromatin")
+        ordered("rim")
+        ordered("blur_sigma")
+        check(0.0 <= self.darkness_jitter < 1.0, "darkness_jitter")
+        check(self.debris_rate >= 0 and self.blob_rate >= 0, "debris_rate")
+        check(0.0 <= self.colour_jitter < 0.5, "colour_jitter")
+
+    def to_dict(self) -> dict:
+        """JSON-able form (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SynthConfig:
+        """Build from :meth:`to_dict` output (or a YAML/JSON file's mapping); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown synthesis parameter(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
