@@ -1,21 +1,41 @@
 // The only file that includes pybind11: every kernel lives in plain C++ on raw buffers.
+//
+// The Python wrappers in pysynth.synth validate shapes, dtypes and values, make every array
+// C-contiguous of the right dtype and allocate the outputs; these bindings only unpack buffers
+// (.noconvert(): a silent copy of an output would lose the result) and release the GIL around the
+// work.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <optional>
 #include <stdexcept>
 
 #include "build_info.hpp"
+#include "composite.hpp"
+#include "deconv.hpp"
+#include "inpaint.hpp"
 #include "paint.hpp"
 #include "place.hpp"
+#include "raster.hpp"
 
 namespace py = pybind11;
 
 namespace {
 
 template <typename T>
-using carray = py::array_t<T, py::array::c_style>;
+using Array = py::array_t<T, py::array::c_style>;
+
+template <typename T>
+const T* cptr(const Array<T>& a) {
+  return a.data();
+}
+
+template <typename T>
+T* mptr(Array<T>& a) {
+  return a.mutable_data();
+}
 
 // A 2-D float32 view whose rows may be spaced apart (a crop of a larger image); columns must be adjacent.
 pysynth::Plane plane(const py::array_t<float>& a, int64_t h, int64_t w) {
@@ -45,9 +65,104 @@ PYBIND11_MODULE(_core, m) {
       "How the compiled core was built: version, compiler, C++ standard, debug flag.");
 
   m.def(
+      "rasterize_labels",
+      [](const Array<float>& xy, const Array<int64_t>& offsets, const Array<int32_t>& ids,
+         Array<int32_t>& labels) {
+        const float* pxy = cptr(xy);
+        const int64_t* poff = cptr(offsets);
+        const int32_t* pids = cptr(ids);
+        int32_t* out = mptr(labels);
+        const int64_t n = ids.shape(0), h = labels.shape(0), w = labels.shape(1);
+        py::gil_scoped_release release;
+        pysynth::rasterize_labels(pxy, poff, n, pids, out, h, w);
+      },
+      py::arg("xy").noconvert(), py::arg("offsets").noconvert(), py::arg("ids").noconvert(),
+      py::arg("labels").noconvert(),
+      "Paint polygons into labels (h, w) int32. Use pysynth.synth.raster.rasterize_polygons.");
+
+  m.def(
+      "rasterize_coverage",
+      [](const Array<float>& xy, const Array<int64_t>& offsets, Array<float>& coverage) {
+        const float* pxy = cptr(xy);
+        const int64_t* poff = cptr(offsets);
+        float* out = mptr(coverage);
+        const int64_t n = offsets.shape(0) - 1, h = coverage.shape(0), w = coverage.shape(1);
+        py::gil_scoped_release release;
+        pysynth::rasterize_coverage(pxy, poff, n, out, h, w);
+      },
+      py::arg("xy").noconvert(), py::arg("offsets").noconvert(), py::arg("coverage").noconvert(),
+      "4x4-supersampled coverage (h, w) float32 of the union of polygons. Use "
+      "pysynth.synth.raster.rasterize_polygons.");
+
+  m.def(
+      "rgb_to_stains",
+      [](const Array<uint8_t>& rgb, const Array<float>& stain_from_rgb, Array<float>& out) {
+        const uint8_t* in = cptr(rgb);
+        const float* mat = cptr(stain_from_rgb);
+        float* o = mptr(out);
+        const int64_t n = rgb.size() / 3;
+        py::gil_scoped_release release;
+        pysynth::rgb_to_stains(in, n, mat, o);
+      },
+      py::arg("rgb").noconvert(), py::arg("stain_from_rgb").noconvert(), py::arg("out").noconvert(),
+      "Colour deconvolution of uint8 RGB. Use pysynth.synth.deconv.rgb_to_hed.");
+
+  m.def(
+      "stains_to_rgb",
+      [](const Array<float>& stains, const Array<float>& rgb_from_stain, Array<uint8_t>& out) {
+        const float* in = cptr(stains);
+        const float* mat = cptr(rgb_from_stain);
+        uint8_t* o = mptr(out);
+        const int64_t n = stains.size() / 3;
+        py::gil_scoped_release release;
+        pysynth::stains_to_rgb(in, n, mat, o);
+      },
+      py::arg("stains").noconvert(), py::arg("rgb_from_stain").noconvert(),
+      py::arg("out").noconvert(),
+      "Stain densities back to uint8 RGB. Use pysynth.synth.deconv.hed_to_rgb.");
+
+  m.def(
+      "inpaint_push_pull",
+      [](const Array<uint8_t>& image, const Array<uint8_t>& mask, const Array<int32_t>& offsets_yx,
+         int64_t texture_levels, float texture, Array<uint8_t>& out) {
+        const uint8_t* img = cptr(image);
+        const uint8_t* msk = cptr(mask);
+        const int32_t* off = cptr(offsets_yx);
+        uint8_t* o = mptr(out);
+        const int64_t h = image.shape(0), w = image.shape(1), n_off = offsets_yx.shape(0);
+        py::gil_scoped_release release;
+        pysynth::inpaint_push_pull(img, msk, h, w, off, n_off, texture_levels, texture, o);
+      },
+      py::arg("image").noconvert(), py::arg("mask").noconvert(), py::arg("offsets_yx").noconvert(),
+      py::arg("texture_levels"), py::arg("texture"), py::arg("out").noconvert(),
+      "Push-pull inpainting with texture transplant. Use pysynth.synth.inpaint.inpaint.");
+
+  m.def(
+      "composite",
+      [](const Array<uint8_t>& fg, const Array<uint8_t>& bg, const Array<float>& mask,
+         const std::optional<Array<float>>& sharpness, const Array<float>& k_sharp,
+         const Array<float>& k_soft, Array<uint8_t>& out) {
+        const uint8_t* a = cptr(fg);
+        const uint8_t* b = cptr(bg);
+        const float* msk = cptr(mask);
+        const float* s = sharpness ? cptr(*sharpness) : nullptr;
+        const float* ks = cptr(k_sharp);
+        const float* kf = cptr(k_soft);
+        uint8_t* o = mptr(out);
+        const int64_t h = mask.shape(0), w = mask.shape(1);
+        const int64_t rs = (k_sharp.shape(0) - 1) / 2, rf = (k_soft.shape(0) - 1) / 2;
+        py::gil_scoped_release release;
+        pysynth::composite(a, b, msk, s, ks, rs, kf, rf, o, h, w);
+      },
+      py::arg("fg").noconvert(), py::arg("bg").noconvert(), py::arg("mask").noconvert(),
+      py::arg("sharpness").noconvert(), py::arg("k_sharp").noconvert(),
+      py::arg("k_soft").noconvert(), py::arg("out").noconvert(),
+      "Blurred-boundary compositing. Use pysynth.synth.composite.composite_nuclei.");
+
+  m.def(
       "place_polygons",
-      [](const carray<double>& xy, const carray<int64_t>& offsets, double max_overlap, int64_t min_area,
-         int64_t max_accept, carray<int32_t>& labels, carray<double>& stats) {
+      [](const Array<double>& xy, const Array<int64_t>& offsets, double max_overlap, int64_t min_area,
+         int64_t max_accept, Array<int32_t>& labels, Array<double>& stats) {
         const int64_t h = labels.shape(0), w = labels.shape(1);
         const int64_t n = offsets.shape(0) - 1;
         const double* pxy = xy.data();
@@ -63,12 +178,12 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "paint_nuclei",
-      [](const carray<uint8_t>& background, const std::optional<carray<float>>& extra,
-         const carray<int32_t>& label_ext, const carray<uint8_t>& region, const carray<float>& alpha,
-         const carray<float>& darkness, const carray<uint8_t>& clear, const py::array_t<float>& texture,
+      [](const Array<uint8_t>& background, const std::optional<Array<float>>& extra,
+         const Array<int32_t>& label_ext, const Array<uint8_t>& region, const Array<float>& alpha,
+         const Array<float>& darkness, const Array<uint8_t>& clear, const py::array_t<float>& texture,
          const py::array_t<float>& speckle, const py::array_t<float>& gain, const py::array_t<float>& thin,
-         float thin_threshold, float clear_factor, float rim_gain, float contrast, const carray<float>& stain,
-         const carray<float>& nuclear_jitter, const carray<float>& global_jitter, carray<uint8_t>& out) {
+         float thin_threshold, float clear_factor, float rim_gain, float contrast, const Array<float>& stain,
+         const Array<float>& nuclear_jitter, const Array<float>& global_jitter, Array<uint8_t>& out) {
         const int64_t h = out.shape(0), w = out.shape(1);
         const pysynth::Plane tex = plane(texture, h, w), spk = plane(speckle, h, w), gn = plane(gain, h, w),
                              th = plane(thin, h, w);

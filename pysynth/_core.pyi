@@ -1,3 +1,72 @@
-"""Type stub for the compiled core ``pysynth._core`` (kept in step with ``csrc/bindings.cpp``)."""
+"""Type stub for the compiled core ``pysynth._core`` (kept in step with ``csrc/bindings.cpp``).
+
+Private: arrays must already be C-contiguous with the exact dtypes below (no conversion happens); the public,
+validating wrappers are in :mod:`pysynth.synth`.
+"""
+
+import numpy as np
+import numpy.typing as npt
 
 def build_info() -> dict[str, str | int | bool]: ...
+def rasterize_labels(
+    xy: npt.NDArray[np.float32],
+    offsets: npt.NDArray[np.int64],
+    ids: npt.NDArray[np.int32],
+    labels: npt.NDArray[np.int32],
+) -> None: ...
+def rasterize_coverage(
+    xy: npt.NDArray[np.float32], offsets: npt.NDArray[np.int64], coverage: npt.NDArray[np.float32]
+) -> None: ...
+def rgb_to_stains(
+    rgb: npt.NDArray[np.uint8], stain_from_rgb: npt.NDArray[np.float32], out: npt.NDArray[np.float32]
+) -> None: ...
+def stains_to_rgb(
+    stains: npt.NDArray[np.float32], rgb_from_stain: npt.NDArray[np.float32], out: npt.NDArray[np.uint8]
+) -> None: ...
+def inpaint_push_pull(
+    image: npt.NDArray[np.uint8],
+    mask: npt.NDArray[np.uint8],
+    offsets_yx: npt.NDArray[np.int32],
+    texture_levels: int,
+    texture: float,
+    out: npt.NDArray[np.uint8],
+) -> None: ...
+def composite(
+    fg: npt.NDArray[np.uint8],
+    bg: npt.NDArray[np.uint8],
+    mask: npt.NDArray[np.float32],
+    sharpness: npt.NDArray[np.float32] | None,
+    k_sharp: npt.NDArray[np.float32],
+    k_soft: npt.NDArray[np.float32],
+    out: npt.NDArray[np.uint8],
+) -> None: ...
+def place_polygons(
+    xy: npt.NDArray[np.float64],
+    offsets: npt.NDArray[np.int64],
+    max_overlap: float,
+    min_area: int,
+    max_accept: int,
+    labels: npt.NDArray[np.int32],
+    stats: npt.NDArray[np.float64],
+) -> int: ...
+def paint_nuclei(
+    background: npt.NDArray[np.uint8],
+    extra: npt.NDArray[np.float32] | None,
+    label_ext: npt.NDArray[np.int32],
+    region: npt.NDArray[np.uint8],
+    alpha: npt.NDArray[np.float32],
+    darkness: npt.NDArray[np.float32],
+    clear: npt.NDArray[np.uint8],
+    texture: npt.NDArray[np.float32],
+    speckle: npt.NDArray[np.float32],
+    gain: npt.NDArray[np.float32],
+    thin: npt.NDArray[np.float32],
+    thin_threshold: float,
+    clear_factor: float,
+    rim_gain: float,
+    contrast: float,
+    stain: npt.NDArray[np.float32],
+    nuclear_jitter: npt.NDArray[np.float32],
+    global_jitter: npt.NDArray[np.float32],
+    out: npt.NDArray[np.uint8],
+) -> None: ...
