@@ -23,9 +23,7 @@ def _scene(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
         angles = np.sort(rng.uniform(0, 2 * np.pi, 14))
         radii = rng.uniform(7, 14) * rng.uniform(0.8, 1.2, 14)
         cx, cy = rng.uniform(0, size, 2)
-        polys.append(
-            np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1).astype(np.float32)
-        )
+        polys.append(np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1).astype(np.float32))
     offsets = np.r_[0, np.cumsum([len(p) for p in polys])].astype(np.int64)
     return np.concatenate(polys), offsets, polys
 
@@ -78,9 +76,7 @@ def run(quick: bool = False) -> list[tuple[Timing, Timing]]:
 
         fixed4 = [(np.round((4 * p - 0.5) * 256)).astype(np.int32) for p in polys]
 
-        def cv2_fill_and_coverage(
-            size=size, fixed4=fixed4, cv2_fill=cv2_fill
-        ) -> tuple[np.ndarray, np.ndarray]:
+        def cv2_fill_and_coverage(size=size, fixed4=fixed4, cv2_fill=cv2_fill) -> tuple[np.ndarray, np.ndarray]:
             fine = np.zeros((4 * size, 4 * size), np.uint8)
             cv2.fillPoly(fine, fixed4, 1, shift=8)
             return cv2_fill(), fine.reshape(size, 4, size, 4).mean(axis=(1, 3), dtype=np.float32)
@@ -94,9 +90,7 @@ def run(quick: bool = False) -> list[tuple[Timing, Timing]]:
             ),
             (
                 f"rasterize labels+coverage {px} (cv2.fillPoly, 4x4 supersampled)",
-                lambda xy=xy, offsets=offsets, size=size: rasterize_polygons(
-                    xy, offsets, (size, size), coverage=True
-                ),
+                lambda xy=xy, offsets=offsets, size=size: rasterize_polygons(xy, offsets, (size, size), coverage=True),
                 cv2_fill_and_coverage,
             ),
             (

@@ -8,6 +8,7 @@ import click
 
 from pysynth import __version__
 from pysynth.cli.sample import sample_command
+from pysynth.cli.synthesize import synthesize_command
 
 
 def _version_message() -> str:
@@ -28,6 +29,7 @@ def cli() -> None:
 
 
 cli.add_command(sample_command)
+cli.add_command(synthesize_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,9 +47,7 @@ def _check(fg, bg, mask, sharpness, sigma_sharp: float, sigma_soft: float):
     fg, bg = np.asarray(fg), np.asarray(bg)
     for name, img in (("foreground", fg), ("background", bg)):
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or 0 in img.shape:
-            raise ValueError(
-                f"{name} must be a non-empty uint8 array of shape (H, W, 3), got {img.dtype} {img.shape}"
-            )
+            raise ValueError(f"{name} must be a non-empty uint8 array of shape (H, W, 3), got {img.dtype} {img.shape}")
     if fg.shape != bg.shape:
         raise ValueError(f"foreground and background shapes differ: {fg.shape} vs {bg.shape}")
     mask = np.asarray(mask)
@@ -61,8 +59,7 @@ def _check(fg, bg, mask, sharpness, sigma_sharp: float, sigma_soft: float):
         sharpness = np.asarray(sharpness)
         if sharpness.shape != fg.shape[:2] or not np.issubdtype(sharpness.dtype, np.floating):
             raise ValueError(
-                f"sharpness must be a float array of shape {fg.shape[:2]}, "
-                f"got {sharpness.dtype} {sharpness.shape}"
+                f"sharpness must be a float array of shape {fg.shape[:2]}, got {sharpness.dtype} {sharpness.shape}"
             )
         sharpness = np.ascontiguousarray(sharpness, dtype=np.float32)
     for name, sigma in (("sigma_sharp", sigma_sharp), ("sigma_soft", sigma_soft)):
@@ -111,9 +108,7 @@ def composite_nuclei(
     """
     fg, bg, mask, sharpness = _check(foreground, background, mask, sharpness, sigma_sharp, sigma_soft)
     out = np.empty_like(fg)
-    _core.composite(
-        fg, bg, mask, sharpness, gaussian_taps(float(sigma_sharp)), gaussian_taps(float(sigma_soft)), out
-    )
+    _core.composite(fg, bg, mask, sharpness, gaussian_taps(float(sigma_sharp)), gaussian_taps(float(sigma_soft)), out)
     return out
 
 

@@ -108,7 +108,7 @@ class SynthConfig:
         check(0.0 <= self.warp <= 0.4, "warp")
         check(0.0 <= self.super_percentile_shift <= 0.5, "super_percentile_shift")
         check(0 <= self.super_dilate <= 10, "super_dilate")
-        check(0.0 <= self.local_contrast, "local_contrast")
+        check(self.local_contrast >= 0.0, "local_contrast")
         ordered("texture_contrast")
         ordered("gain_range", 1e-3)
         check(0.0 <= self.clear_chromatin <= 1.0, "clear_chromatin")

@@ -88,11 +88,7 @@ def hed_to_rgb(hed: np.ndarray, *, rgb_from_hed: np.ndarray | None = None) -> np
         - Output: same shape, uint8.
     """
     hed = np.asarray(hed)
-    if (
-        hed.ndim < 1
-        or hed.shape[-1] != 3
-        or not (np.issubdtype(hed.dtype, np.floating) or hed.dtype == np.uint8)
-    ):
+    if hed.ndim < 1 or hed.shape[-1] != 3 or not (np.issubdtype(hed.dtype, np.floating) or hed.dtype == np.uint8):
         raise ValueError(f"hed must be a real array of shape (..., 3), got {hed.dtype} {hed.shape}")
     matrix = _check_matrix(rgb_from_hed, RGB_FROM_HED, "rgb_from_hed")
     hed = np.ascontiguousarray(hed, dtype=np.float32)

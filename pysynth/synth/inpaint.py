@@ -55,9 +55,7 @@ def texture_offsets(
 def _check(image, mask, texture: float, texture_levels: int) -> tuple[np.ndarray, np.ndarray]:
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-        raise ValueError(
-            f"image must be a non-empty uint8 array of shape (H, W, 3), got {image.dtype} {image.shape}"
-        )
+        raise ValueError(f"image must be a non-empty uint8 array of shape (H, W, 3), got {image.dtype} {image.shape}")
     mask = np.asarray(mask)
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask must have the image's shape {image.shape[:2]}, got {mask.shape}")

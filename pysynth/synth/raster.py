@@ -50,9 +50,7 @@ def _check_polygons(xy, offsets, shape_hw, ids) -> tuple[np.ndarray, np.ndarray,
         ids = np.asarray(ids)
         if ids.shape != (n,):
             raise ValueError(f"ids must have shape ({n},), one per polygon, got {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer) or (
-            ids.size and (ids.min() < -(2**31) or ids.max() >= 2**31)
-        ):
+        if not np.issubdtype(ids.dtype, np.integer) or (ids.size and (ids.min() < -(2**31) or ids.max() >= 2**31)):
             raise ValueError(f"ids must be integers that fit int32, got dtype {ids.dtype}")
         ids = np.ascontiguousarray(ids, dtype=np.int32)
     return xy, offsets, ids, (h, w)
@@ -116,10 +114,7 @@ def rasterize_polygons(
     _core.rasterize_labels(xy, offsets, ids, labels)
     if coverage is None or coverage is False:
         return labels
-    if coverage is True:
-        coverage = np.empty(shape, np.float32)
-    else:
-        coverage = _check_out(coverage, "coverage", shape, np.float32)
+    coverage = np.empty(shape, np.float32) if coverage is True else _check_out(coverage, "coverage", shape, np.float32)
     _core.rasterize_coverage(xy, offsets, coverage)
     return labels, coverage
 

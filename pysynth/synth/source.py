@@ -40,7 +40,7 @@ def _otsu(values: np.ndarray, lo: float, hi: float) -> float:
 
 
 def _drop_small(mask: np.ndarray, min_area: int) -> np.ndarray:
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_area
     keep[0] = False
     return keep[labels]
@@ -156,7 +156,7 @@ def prepare_source(rgb: np.ndarray, config: SynthConfig, name: str = "<array>") 
     darkness = darkness[darkness > 0.05].astype(np.float32)
     if darkness.size < 5:
         darkness = np.array([0.5, 0.7, 0.9, 1.1, 1.3], np.float32)
-    n_fg, _, fg_stats, _ = cv2.connectedComponentsWithStats(otsu_fg.astype(np.uint8), connectivity=8)
+    _, _, fg_stats, _ = cv2.connectedComponentsWithStats(otsu_fg.astype(np.uint8), connectivity=8)
     fg_areas = fg_stats[1:, cv2.CC_STAT_AREA]
     fg_areas = fg_areas[fg_areas >= 30]
     median_area = float(np.median(fg_areas)) if fg_areas.size else 0.0
@@ -179,5 +179,9 @@ def prepare_source(rgb: np.ndarray, config: SynthConfig, name: str = "<array>") 
 
 
 def inpaint_background(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Fill ``mask`` with surrounding tissue texture (OpenCV Telea for now)."""
-    return cv2.inpaint(rgb, mask.astype(np.uint8), 3, cv2.INPAINT_TELEA)
+    """Fill ``mask`` with surrounding tissue texture (push-pull with transplanted detail; no Telea streaks)."""
+    from pysynth.synth.inpaint import inpaint
+
+    if mask.all():
+        return rgb.copy()
+    return inpaint(rgb, mask, seed=0)

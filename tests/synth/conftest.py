@@ -8,7 +8,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 import pytest
 
 
@@ -43,8 +42,7 @@ def assert_releases_gil() -> Callable[[Callable[[], object]], None]:
         duration, gap = _largest_gap_during(fn)
         assert duration > 0.02, f"the call took only {duration * 1e3:.1f} ms: make the input larger"
         assert gap < 0.5 * duration, (
-            f"another thread stalled {gap * 1e3:.1f} ms of the call's {duration * 1e3:.1f} ms: "
-            "GIL not released?"
+            f"another thread stalled {gap * 1e3:.1f} ms of the call's {duration * 1e3:.1f} ms: GIL not released?"
         )
 
     return check

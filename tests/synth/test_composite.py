@@ -25,9 +25,7 @@ def random_inputs(seed: int, h: int, w: int):
     with_sharpness=st.booleans(),
     sigmas=st.sampled_from([(0.5, 1.5), (0.0, 2.0), (1.0, 0.0), (0.3, 4.0)]),
 )
-def test_matches_reference(
-    seed: int, h: int, w: int, with_sharpness: bool, sigmas: tuple[float, float]
-) -> None:
+def test_matches_reference(seed: int, h: int, w: int, with_sharpness: bool, sigmas: tuple[float, float]) -> None:
     fg, bg, mask, sharpness = random_inputs(seed, h, w)
     kwargs = {"sigma_sharp": sigmas[0], "sigma_soft": sigmas[1]}
     s = sharpness if with_sharpness else None
@@ -37,9 +35,7 @@ def test_matches_reference(
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1), h=st.integers(1, 30), w=st.integers(1, 30), value=st.sampled_from([0, 1])
-)
+@given(seed=st.integers(0, 2**32 - 1), h=st.integers(1, 30), w=st.integers(1, 30), value=st.sampled_from([0, 1]))
 def test_constant_mask_gives_one_image_exactly(seed: int, h: int, w: int, value: int) -> None:
     fg, bg, _, sharpness = random_inputs(seed, h, w)
     mask = np.full((h, w), value, np.float32)

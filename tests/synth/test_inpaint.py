@@ -9,9 +9,7 @@ from hypothesis import strategies as st
 from pysynth.synth.inpaint import inpaint, inpaint_reference
 
 
-def blob_mask(
-    rng: np.random.Generator, shape_hw: tuple[int, int], n: int, max_radius: int = 12
-) -> np.ndarray:
+def blob_mask(rng: np.random.Generator, shape_hw: tuple[int, int], n: int, max_radius: int = 12) -> np.ndarray:
     mask = np.zeros(shape_hw, np.uint8)
     for _ in range(n):
         centre = (int(rng.integers(0, shape_hw[1])), int(rng.integers(0, shape_hw[0])))
@@ -55,9 +53,7 @@ def test_real_tissue_fill_is_plausible(monuseg_tile: np.ndarray) -> None:
     def detail(img: np.ndarray) -> float:
         grey = img.mean(axis=2)
         return float(
-            np.abs(grey - cv2.blur(grey, (3, 3)))[
-                cv2.erode(mask.astype(np.uint8), np.ones((3, 3))) > 0
-            ].mean()
+            np.abs(grey - cv2.blur(grey, (3, 3)))[cv2.erode(mask.astype(np.uint8), np.ones((3, 3))) > 0].mean()
         )
 
     known = np.abs(image.mean(2) - cv2.blur(image.mean(2), (3, 3)))[~mask].mean()
@@ -83,9 +79,7 @@ def test_non_contiguous() -> None:
     image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
     mask = blob_mask(rng, (60, 80), 5) * 255
     view, mview = image[::2, ::-1], mask[::2, ::-1]
-    assert (
-        np.abs(inpaint(view, mview, seed=1).astype(int) - inpaint_reference(view, mview, seed=1)).max() <= 1
-    )
+    assert np.abs(inpaint(view, mview, seed=1).astype(int) - inpaint_reference(view, mview, seed=1)).max() <= 1
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,306 @@
+"""From real tissue to a synthetic dataset: collecting real tiles, preparing them once, making items.
+
+A dataset folder holds ``sources/`` (each real tile prepared for synthesis, saved once) beside the store's
+``index.json`` and ``shards/``. Items keep the reference patch as its position in its source tile (``xy``), not
+as pixels: the tile is in the folder anyway, so :class:`SyntheticPatches` crops references on read at no cost
+in disk space (half of every item would otherwise be a second image).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pysynth.errors import PysynthError, SlideError
+from pysynth.fsutil import atomic_write_bytes, atomic_write_text
+from pysynth.synth.config import SynthConfig
+from pysynth.synth.source import HED_FROM_RGB, SourceTile, optical_density, prepare_source
+
+log = logging.getLogger("pysynth")
+
+SOURCES_DIR = "sources"
+#: Real tiles read from large slides: side in px at the synthesis resolution, and how many per slide.
+SLIDE_TILE = 1024
+TILES_PER_SLIDE = 8
+
+
+def collect_real_tiles(
+    inputs: Sequence[Path], config: SynthConfig, *, input_mpp: float | None = None, seed: int = 0
+) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
+    """Real RGB tiles at ``config.mpp`` from patch folders (``pysynth sample`` output), slides or images.
+
+    A folder with a ``manifest.csv`` is taken as ``pysynth sample`` output (its µm/px in the manifest). Other files
+    are opened as slides or images: small ones are read whole at ``config.mpp``, large ones give
+    :data:`TILES_PER_SLIDE` random tissue tiles of :data:`SLIDE_TILE` px.
+
+    Returns:
+        ``(tiles, failures)``: ``(name, rgb)`` pairs, and one message per unusable input.
+    """
+    from pysynth.io import compute_tissue_mask, load_rgb, open_slide, read_region, read_thumbnail
+    from pysynth.sample import place_patches, source_rng
+    from pysynth.sources import collect_sources
+
+    tiles: list[tuple[str, np.ndarray]] = []
+    failures: list[str] = []
+    plain: list[Path] = []
+    for item in inputs:
+        manifest = Path(item) / "manifest.csv"
+        if manifest.is_file():
+            with manifest.open(newline="") as handle:
+                for row in csv.DictReader(handle):
+                    rgb = load_rgb(Path(item) / row["file"])
+                    mpp = float(row["mpp"])
+                    if abs(mpp - config.mpp) > 1e-6:
+                        f = mpp / config.mpp
+                        rgb = cv2.resize(rgb, (round(rgb.shape[1] * f), round(rgb.shape[0] * f)))
+                    tiles.append((row["file"], rgb))
+        else:
+            plain.extend(collect_sources([item]))
+    for path in plain:
+        try:
+            with open_slide(path, input_mpp) as reader:
+                h0, w0 = reader.level_shapes_hw[0]
+                f = config.mpp / reader.mpp
+                if max(h0, w0) / f <= 2 * SLIDE_TILE:
+                    tiles.append((path.name, read_thumbnail(reader, config.mpp)))
+                    continue
+                tissue = compute_tissue_mask(reader)
+                extent = SLIDE_TILE * f
+                xy, _ = place_patches(
+                    tissue, (h0, w0), extent, TILES_PER_SLIDE, 0.5, source_rng(seed, path.name), TILES_PER_SLIDE * 200
+                )
+                for k, (x, y) in enumerate(xy):
+                    tiles.append((f"{path.name}#{k}", read_region(reader, x, y, (SLIDE_TILE, SLIDE_TILE), config.mpp)))
+        except SlideError as exc:
+            failures.append(str(exc))
+    kept = []
+    for name, rgb in tiles:
+        if min(rgb.shape[:2]) < config.size:
+            failures.append(
+                f"{name}: {rgb.shape[1]}×{rgb.shape[0]} px at {config.mpp} µm/px is smaller than --size {config.size}"
+            )
+        elif (optical_density(rgb[::4, ::4]).sum(axis=2) > 0.25).mean() < 0.05:
+            failures.append(f"{name}: no tissue")
+        else:
+            kept.append((name, rgb))
+    return kept, failures
+
+
+def save_sources(
+    tiles: Sequence[tuple[str, np.ndarray]],
+    config: SynthConfig,
+    out_dir: Path,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Prepare every tile for synthesis and save it under ``out_dir/sources`` (atomic; kept on resume)."""
+    folder = out_dir / SOURCES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k, (name, rgb) in enumerate(tiles):
+        path = folder / f"{k:05d}.npz"
+        names.append(name)
+        if not path.exists():
+            s = prepare_source(rgb, config, name)
+            import io
+
+            buffer = io.BytesIO()
+            np.savez(
+                buffer,
+                rgb=s.rgb,
+                background=s.background,
+                tissue=s.tissue,
+                stain=s.stain,
+                darkness=s.darkness,
+                density=np.float64(s.density),
+                median_area=np.float64(s.median_area),
+            )
+            atomic_write_bytes(path, buffer.getvalue())
+        if progress is not None:
+            progress(1)
+    atomic_write_text(folder / "sources.json", json.dumps({"names": names}, indent=1))
+
+
+def load_sources(dataset_dir: str | Path) -> list[SourceTile]:
+    """The prepared source tiles of a dataset folder."""
+    folder = Path(dataset_dir) / SOURCES_DIR
+    try:
+        names = json.loads((folder / "sources.json").read_text())["names"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise PysynthError(f"{folder}: no prepared sources ({exc})") from None
+    tiles = []
+    for k, name in enumerate(names):
+        with np.load(folder / f"{k:05d}.npz") as z:
+            rgb = z["rgb"]
+            tiles.append(
+                SourceTile(
+                    name=name,
+                    rgb=rgb,
+                    background=z["background"],
+                    tissue=z["tissue"],
+                    super_mask=np.zeros(0, bool),
+                    stain=z["stain"],
+                    darkness=z["darkness"],
+                    texture=eosin_texture(rgb),
+                    density=float(z["density"]),
+                    median_area=float(z["median_area"]),
+                )
+            )
+    return tiles
+
+
+def eosin_texture(rgb: np.ndarray) -> np.ndarray:
+    """Zero-mean, unit-sd high-pass of the eosin channel (chromatin texture source)."""
+    eosin = optical_density(rgb) @ HED_FROM_RGB[:, 1].astype(np.float32)
+    high = eosin - cv2.GaussianBlur(eosin, (0, 0), 4.0)
+    return (high / (high.std() + 1e-6)).astype(np.float32)
+
+
+def synth_schema(size: int):
+    """What every synthetic item holds."""
+    from pysynth.synth.schema import Field, Schema
+
+    return Schema(
+        {
+            "image": Field("uint8", (size, size, 3)),
+            "labels": Field("uint16", (size, size)),
+            "centres": Field("float32", (None, 2)),
+            "xy": Field("int32", (4,)),
+        }
+    )
+
+
+@dataclass
+class SynthMaker:
+    """``make_item(i)`` for the store and the streaming dataset: item ``i`` depends on (seed, i) only.
+
+    Picklable: worker processes load the prepared sources themselves, once.
+    """
+
+    dataset_dir: str
+    config: dict
+    seed: int
+
+    def __post_init__(self) -> None:
+        self._sources: list[SourceTile] | None = None
+        self._config = SynthConfig.from_dict(self.config)
+
+    def __getstate__(self) -> dict:
+        return {"dataset_dir": self.dataset_dir, "config": self.config, "seed": self.seed}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
+
+    def __call__(self, index: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Item ``index``: its arrays and its meta (source tile, seed, index)."""
+        from pysynth.synth.recipe import synthesize_patch
+        from pysynth.synth.store import item_rng
+
+        if self._sources is None:
+            cv2.setNumThreads(1)
+            self._sources = load_sources(self.dataset_dir)
+        rng = item_rng(self.seed, index)
+        k = int(rng.integers(len(self._sources)))
+        patch = synthesize_patch(self._sources[k], rng, self._config)
+        xy = np.array([*patch.patch_xy, *patch.reference_xy], np.int32)
+        arrays = {"image": patch.image, "labels": patch.labels, "centres": patch.centres, "xy": xy}
+        return arrays, {"source": k, "seed": self.seed, "index": index}
+
+
+class SyntheticPatches:
+    """A synthetic dataset for training: ``ds[i]`` gives image, labels, centres, reference and meta.
+
+    Args:
+        path: Dataset folder written by :func:`synthesize_dataset`.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        from pysynth.synth.store import SynthDataset
+
+        self.path = Path(path)
+        self.items = SynthDataset(self.path)
+        self._rgb: list[np.ndarray] | None = None
+        self.size = int(self.items.schema.fields["image"].shape[0]) if hasattr(self.items, "schema") else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        if self._rgb is None:
+            self._rgb = [s.rgb for s in load_sources(self.path)]
+        s = item["image"].shape[0]
+        rx, ry = int(item["xy"][2]), int(item["xy"][3])
+        item["reference"] = self._rgb[int(item["meta"]["source"])][ry : ry + s, rx : rx + s]
+        return item
+
+
+def synthesize_dataset(
+    inputs: Sequence[Path],
+    out_dir: str | Path,
+    n: int,
+    config: SynthConfig,
+    *,
+    seed: int = 0,
+    workers: int = 1,
+    input_mpp: float | None = None,
+    shard_size: int = 1024,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Any, list[str]]:
+    """Collect and prepare real tiles, then write ``n`` synthetic patches as a sharded dataset (resumable).
+
+    Returns:
+        ``(report, failures)``: the store's write report and the inputs that could not be used.
+
+    Raises:
+        PysynthError: If no input gives a usable tile, or the folder holds a dataset with other settings.
+    """
+    from pysynth.synth.store import write_dataset
+
+    out_dir = Path(out_dir)
+    tiles, failures = collect_real_tiles(inputs, config, input_mpp=input_mpp, seed=seed)
+    if not tiles:
+        raise PysynthError("no usable real tissue in the sources: " + ("; ".join(failures) or "none given"))
+    save_sources(tiles, config, out_dir)
+    maker = SynthMaker(str(out_dir), config.to_dict(), seed)
+    attrs = {"config": config.to_dict(), "seed": seed, "sources": [name for name, _ in tiles]}
+    report = write_dataset(
+        out_dir,
+        n,
+        maker,
+        schema=synth_schema(config.size),
+        shard_size=shard_size,
+        workers=workers,
+        progress=progress,
+        attrs=attrs,
+        overwrite=overwrite,
+    )
+    return report, failures
+
+
+def write_preview(dataset_dir: str | Path, count: int = 24) -> Path:
+    """``preview.png``: synthetic patches, the same with label outlines, and their real reference patches."""
+    from pysynth.synth.store import outline_mask
+    from pysynth.viz import contact_sheet
+
+    ds = SyntheticPatches(dataset_dir)
+    images, captions = [], []
+    for i in np.linspace(0, len(ds) - 1, min(count, len(ds))).astype(int)[: count // 3 * 3 or 1]:
+        item = ds[int(i)]
+        outlined = item["image"].copy()
+        outlined[outline_mask(item["labels"])] = (0, 255, 0)
+        images += [item["image"], outlined, item["reference"]]
+        captions += [f"#{i}", f"#{i} {len(item['centres'])} nuclei", "real"]
+    sheet = contact_sheet(images, captions, columns=9)
+    path = Path(dataset_dir) / "preview.png"
+    atomic_write_bytes(path, cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))[1].tobytes())
+    return path

@@ -1,0 +1,110 @@
+"""The nucleus placement and painting kernels against their NumPy twins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pysynth.synth.paint import paint_nuclei, paint_nuclei_reference
+from pysynth.synth.place import place_polygons, place_polygons_reference
+
+
+def _candidates(rng: np.random.Generator, k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    polys = []
+    for _ in range(k):
+        n = int(rng.integers(3, 18))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+        radii = rng.uniform(2, 14, n)
+        centre = rng.uniform(-5, size + 5, 2)
+        polys.append(centre + np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1))
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in polys])])
+    return np.concatenate(polys), offsets
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), overlap=st.sampled_from([0.0, 0.15, 0.5, 1.0]), size=st.integers(5, 64))
+def test_place_matches_reference(seed: int, overlap: float, size: int) -> None:
+    xy, offsets = _candidates(np.random.default_rng(seed), 25, size)
+    labels, centres = place_polygons(xy, offsets, (size, size + 3), max_overlap=overlap)
+    ref_labels, ref_centres = place_polygons_reference(xy, offsets, (size, size + 3), max_overlap=overlap)
+    np.testing.assert_array_equal(labels, ref_labels)
+    np.testing.assert_allclose(centres, ref_centres, atol=1e-4)
+
+
+def test_place_respects_the_overlap_limit_and_max_accept() -> None:
+    xy, offsets = _candidates(np.random.default_rng(3), 200, 80)
+    labels, centres = place_polygons(xy, offsets, (80, 80), max_overlap=0.0, max_accept=15)
+    assert labels.max() == len(centres) <= 15
+    # With no overlap allowed, every accepted polygon is whole: its label's area equals its own raster area.
+    for k in range(1, labels.max() + 1):
+        assert (labels == k).sum() >= 8
+
+
+def test_place_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="offsets"):
+        place_polygons(np.zeros((4, 2)), np.array([0, 3]), (10, 10))
+    with pytest.raises(ValueError, match="max_overlap"):
+        place_polygons(np.zeros((4, 2)), np.array([0, 4]), (10, 10), max_overlap=2.0)
+    with pytest.raises(ValueError, match="finite"):
+        place_polygons(np.full((4, 2), np.nan), np.array([0, 4]), (10, 10))
+
+
+def _paint_inputs(rng: np.random.Generator, h: int, w: int) -> tuple[list, dict]:
+    n = 6
+    label_ext = rng.integers(0, n + 1, (h, w)).astype(np.int32)
+    region = rng.integers(0, 3, (h, w)).astype(np.uint8)
+    alpha = rng.uniform(-0.1, 1.0, (h, w)).astype(np.float32)
+    darkness = rng.uniform(0.1, 2.5, n + 1).astype(np.float32)
+    clear = rng.random(n + 1) < 0.5
+    big = rng.standard_normal((h + 7, w + 9)).astype(np.float32)
+    args = [
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+        label_ext,
+        region,
+        alpha,
+        darkness,
+        clear,
+        big[3 : 3 + h, 5 : 5 + w],  # a crop: rows spaced apart (non-contiguous)
+        rng.standard_normal((h, w)).astype(np.float32),
+        rng.uniform(0.6, 1.4, (h, w)).astype(np.float32),
+        rng.standard_normal((h, w)).astype(np.float32),
+    ]
+    kw = {
+        "stain": np.array([0.6, 0.7, 0.35], np.float32),
+        "contrast": 0.4,
+        "thin_threshold": 0.1,
+        "clear_factor": 0.3,
+        "rim_gain": 1.4,
+        "nuclear_jitter": np.array([1.02, 0.97, 1.0], np.float32),
+        "global_jitter": np.array([0.98, 1.01, 1.03], np.float32),
+        "extra": rng.uniform(0, 0.5, (h, w)).astype(np.float32),
+    }
+    return args, kw
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), h=st.integers(1, 40), w=st.integers(1, 40))
+def test_paint_matches_reference(seed: int, h: int, w: int) -> None:
+    args, kw = _paint_inputs(np.random.default_rng(seed), h, w)
+    fast = paint_nuclei(*args, **kw)
+    slow = paint_nuclei_reference(*args, **kw)
+    diff = np.abs(fast.astype(int) - slow.astype(int))
+    assert diff.max() <= 1  # float32 rounding at a quantisation boundary, at most one level
+    assert (diff > 0).mean() <= 0.01
+
+
+def test_paint_without_nuclei_returns_the_background() -> None:
+    rng = np.random.default_rng(0)
+    args, kw = _paint_inputs(rng, 20, 30)
+    args[1] = np.zeros((20, 30), np.int32)
+    kw.update(extra=None, global_jitter=None)
+    np.testing.assert_array_equal(paint_nuclei(*args, **kw), args[0])
+
+
+def test_paint_rejects_bad_labels() -> None:
+    args, kw = _paint_inputs(np.random.default_rng(1), 8, 8)
+    args[1] = np.full((8, 8), 99, np.int32)
+    with pytest.raises(ValueError, match="labels must lie"):
+        paint_nuclei(*args, **kw)
