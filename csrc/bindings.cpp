@@ -16,6 +16,7 @@
 #include "composite.hpp"
 #include "deconv.hpp"
 #include "inpaint.hpp"
+#include "nuclei.hpp"
 #include "paint.hpp"
 #include "place.hpp"
 #include "raster.hpp"
@@ -178,20 +179,23 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "paint_nuclei",
-      [](const Array<uint8_t>& background, const std::optional<Array<float>>& extra,
-         const Array<int32_t>& label_ext, const Array<uint8_t>& region, const Array<float>& alpha,
-         const Array<float>& darkness, const Array<uint8_t>& clear, const py::array_t<float>& texture,
-         const py::array_t<float>& speckle, const py::array_t<float>& gain, const py::array_t<float>& thin,
-         float thin_threshold, float clear_factor, float rim_gain, float contrast, const Array<float>& stain,
-         const Array<float>& nuclear_jitter, const Array<float>& global_jitter, Array<uint8_t>& out) {
+      [](const Array<uint8_t>& background, const std::optional<Array<float>>& extra, const Array<int32_t>& labels,
+         const Array<uint16_t>& grown, const Array<uint8_t>& region, const Array<uint8_t>& sharp,
+         const Array<uint8_t>& soft, const py::array_t<float>& mix, const Array<float>& darkness,
+         const Array<uint8_t>& clear, const py::array_t<float>& texture, const py::array_t<float>& speckle,
+         const py::array_t<float>& gain, const py::array_t<float>& thin, float thin_threshold, float clear_factor,
+         float rim_gain, float contrast, const Array<float>& stain, const Array<float>& nuclear_jitter,
+         const Array<float>& global_jitter, Array<uint8_t>& out) {
         const int64_t h = out.shape(0), w = out.shape(1);
-        const pysynth::Plane tex = plane(texture, h, w), spk = plane(speckle, h, w), gn = plane(gain, h, w),
-                             th = plane(thin, h, w);
+        const pysynth::Plane mx = plane(mix, h, w), tex = plane(texture, h, w), spk = plane(speckle, h, w),
+                             gn = plane(gain, h, w), th = plane(thin, h, w);
         const float* pextra = extra ? extra->data() : nullptr;
         const uint8_t* pbg = background.data();
-        const int32_t* plab = label_ext.data();
+        const int32_t* plab = labels.data();
+        const uint16_t* pgrown = grown.data();
         const uint8_t* preg = region.data();
-        const float* palpha = alpha.data();
+        const uint8_t* psharp = sharp.data();
+        const uint8_t* psoft = soft.data();
         const float* pdark = darkness.data();
         const uint8_t* pclear = clear.data();
         const float* pstain = stain.data();
@@ -199,14 +203,39 @@ PYBIND11_MODULE(_core, m) {
         const float* pgj = global_jitter.data();
         uint8_t* pout = out.mutable_data();
         py::gil_scoped_release release;
-        pysynth::paint_nuclei(pbg, pextra, plab, preg, palpha, pdark, pclear, tex, spk, gn, th, thin_threshold,
-                              clear_factor, rim_gain, contrast, pstain, pnj, pgj, pout, h, w);
+        pysynth::paint_nuclei(pbg, pextra, plab, pgrown, preg, psharp, psoft, mx, pdark, pclear, tex, spk, gn, th,
+                              thin_threshold, clear_factor, rim_gain, contrast, pstain, pnj, pgj, pout, h, w);
       },
-      py::arg("background").noconvert(), py::arg("extra").noconvert(), py::arg("label_ext").noconvert(),
-      py::arg("region").noconvert(), py::arg("alpha").noconvert(), py::arg("darkness").noconvert(),
+      py::arg("background").noconvert(), py::arg("extra").noconvert(), py::arg("labels").noconvert(),
+      py::arg("grown").noconvert(), py::arg("region").noconvert(), py::arg("sharp").noconvert(),
+      py::arg("soft").noconvert(), py::arg("mix").noconvert(), py::arg("darkness").noconvert(),
       py::arg("clear").noconvert(), py::arg("texture").noconvert(), py::arg("speckle").noconvert(),
       py::arg("gain").noconvert(), py::arg("thin").noconvert(), py::arg("thin_threshold"),
       py::arg("clear_factor"), py::arg("rim_gain"), py::arg("contrast"), py::arg("stain").noconvert(),
       py::arg("nuclear_jitter").noconvert(), py::arg("global_jitter").noconvert(), py::arg("out").noconvert(),
       "Paint nuclei into a background in one pass (see pysynth.synth.paint).");
+
+  m.def(
+      "draw_nuclei",
+      [](uint64_t seed, const Array<double>& centres, const Array<double>& radii, const Array<double>& jac,
+         int64_t vertices_min, int64_t vertices_max, double irregularity, double spike_lo, double spike_hi,
+         int64_t smooth_rounds, double max_overlap, int64_t min_area, int64_t max_accept, Array<int32_t>& labels,
+         Array<double>& stats) {
+        const int64_t h = labels.shape(0), w = labels.shape(1), k = radii.shape(0);
+        const pysynth::PolygonParams params{vertices_min, vertices_max, irregularity, spike_lo, spike_hi,
+                                            smooth_rounds};
+        const double* pc = centres.data();
+        const double* pr = radii.data();
+        const double* pj = jac.data();
+        int32_t* plab = labels.mutable_data();
+        double* pst = stats.mutable_data();
+        py::gil_scoped_release release;
+        return pysynth::draw_nuclei(seed, pc, pr, pj, k, params, max_overlap, min_area, max_accept, plab, pst, h,
+                                    w);
+      },
+      py::arg("seed"), py::arg("centres").noconvert(), py::arg("radii").noconvert(), py::arg("jac").noconvert(),
+      py::arg("vertices_min"), py::arg("vertices_max"), py::arg("irregularity"), py::arg("spike_lo"),
+      py::arg("spike_hi"), py::arg("smooth_rounds"), py::arg("max_overlap"), py::arg("min_area"),
+      py::arg("max_accept"), py::arg("labels").noconvert(), py::arg("stats").noconvert(),
+      "Draw random polygon nuclei and place them in one pass (see pysynth.synth.place.draw_nuclei).");
 }

@@ -33,33 +33,47 @@ inline uint8_t to_u8(float od, const Tables& t) {
 
 }  // namespace
 
-void paint_nuclei(const uint8_t* background, const float* extra, const int32_t* label_ext,
-                  const uint8_t* region, const float* alpha, const float* darkness, const uint8_t* clear,
-                  Plane texture, Plane speckle, Plane gain, Plane thin, float thin_threshold,
-                  float clear_factor, float rim_gain, float contrast, const float* stain,
-                  const float* nuclear_jitter, const float* global_jitter, uint8_t* out, int64_t h,
-                  int64_t w) {
+void paint_nuclei(const uint8_t* background, const float* extra, const int32_t* labels, const uint16_t* grown,
+                  const uint8_t* region, const uint8_t* sharp, const uint8_t* soft, Plane mix,
+                  const float* darkness, const uint8_t* clear, Plane texture, Plane speckle, Plane gain,
+                  Plane thin, float thin_threshold, float clear_factor, float rim_gain, float contrast,
+                  const float* stain, const float* nuclear_jitter, const float* global_jitter, uint8_t* out,
+                  int64_t h, int64_t w) {
   const Tables& t = tables();
   float nuc[3], glob[3];
   for (int c = 0; c < 3; ++c) {
     nuc[c] = stain[c] * nuclear_jitter[c];
     glob[c] = global_jitter[c];
   }
+  // Pixels with nothing painted on them only need their background level mapped through the jitter.
+  uint8_t plain[3][256];
+  for (int c = 0; c < 3; ++c) {
+    for (int v = 0; v < 256; ++v) plain[c][v] = to_u8(t.od[v] * glob[c], t);
+  }
   for (int64_t i = 0; i < h; ++i) {
     const float* tex = texture.data + i * texture.stride;
     const float* spk = speckle.data + i * speckle.stride;
     const float* gn = gain.data + i * gain.stride;
     const float* th = thin.data + i * thin.stride;
+    const float* mx = mix.data + i * mix.stride;
     for (int64_t j = 0; j < w; ++j) {
       const int64_t p = i * w + j;
       const uint8_t* bg = background + 3 * p;
+      uint8_t* o = out + 3 * p;
+      const int32_t l = labels[p] > 0 ? labels[p] : static_cast<int32_t>(grown[p]);
+      if ((extra == nullptr || extra[p] == 0.0f) && (l == 0 || (sharp[p] == 0 && soft[p] == 0))) {
+        o[0] = plain[0][bg[0]];
+        o[1] = plain[1][bg[1]];
+        o[2] = plain[2][bg[2]];
+        continue;
+      }
       float od[3] = {t.od[bg[0]], t.od[bg[1]], t.od[bg[2]]};
       if (extra != nullptr) {
         const float e = extra[p];
         for (int c = 0; c < 3; ++c) od[c] += e * stain[c];
       }
-      const int32_t l = label_ext[p];
-      const float a = alpha[p];
+      const float s0 = static_cast<float>(sharp[p]);
+      const float a = (s0 + mx[j] * (static_cast<float>(soft[p]) - s0)) * (1.0f / 255.0f);
       if (l > 0 && a > 0.0f) {
         float d = darkness[l] * gn[j] * (1.0f + contrast * (0.6f * tex[j] + 0.4f * spk[j]));
         const uint8_t r = region[p];
@@ -68,7 +82,6 @@ void paint_nuclei(const uint8_t* background, const float* extra, const int32_t* 
         d = std::max(d, 0.0f) * a;
         for (int c = 0; c < 3; ++c) od[c] += d * nuc[c];
       }
-      uint8_t* o = out + 3 * p;
       for (int c = 0; c < 3; ++c) o[c] = to_u8(od[c] * glob[c], t);
     }
   }

@@ -44,6 +44,34 @@ void scan_polygon(const double* xy, int64_t n, int64_t h, int64_t w, std::vector
 
 }  // namespace
 
+bool place_one(const double* xy, int64_t n, double max_overlap, int64_t min_area, int32_t label,
+               int32_t* labels, double* stat, int64_t h, int64_t w, std::vector<double>& xs) {
+  if (n < 3) return false;
+  int64_t area = 0, taken = 0;
+  scan_polygon(xy, n, h, w, xs, [&](int64_t i, int64_t j0, int64_t j1) {
+    const int32_t* row = labels + i * w;
+    area += j1 - j0;
+    for (int64_t j = j0; j < j1; ++j) taken += row[j] != 0;
+  });
+  if (area < min_area || static_cast<double>(taken) > max_overlap * static_cast<double>(area)) return false;
+  double count = 0, sx = 0, sy = 0;
+  scan_polygon(xy, n, h, w, xs, [&](int64_t i, int64_t j0, int64_t j1) {
+    int32_t* row = labels + i * w;
+    for (int64_t j = j0; j < j1; ++j) {
+      if (row[j] == 0) {
+        row[j] = label;
+        count += 1;
+        sx += static_cast<double>(j) + 0.5;
+        sy += static_cast<double>(i) + 0.5;
+      }
+    }
+  });
+  stat[0] = count;
+  stat[1] = sx;
+  stat[2] = sy;
+  return true;
+}
+
 int64_t place_polygons(const double* xy, const int64_t* offsets, int64_t n_candidates, double max_overlap,
                        int64_t min_area, int64_t max_accept, int32_t* labels, double* stats,
                        int64_t h, int64_t w) {
@@ -51,32 +79,11 @@ int64_t place_polygons(const double* xy, const int64_t* offsets, int64_t n_candi
   xs.reserve(64);
   int64_t accepted = 0;
   for (int64_t c = 0; c < n_candidates && accepted < max_accept; ++c) {
-    const double* poly = xy + 2 * offsets[c];
-    const int64_t n = offsets[c + 1] - offsets[c];
-    if (n < 3) continue;
-    int64_t area = 0, taken = 0;
-    scan_polygon(poly, n, h, w, xs, [&](int64_t i, int64_t j0, int64_t j1) {
-      const int32_t* row = labels + i * w;
-      area += j1 - j0;
-      for (int64_t j = j0; j < j1; ++j) taken += row[j] != 0;
-    });
-    if (area < min_area || static_cast<double>(taken) > max_overlap * static_cast<double>(area)) continue;
-    const int32_t label = static_cast<int32_t>(++accepted);
-    double count = 0, sx = 0, sy = 0;
-    scan_polygon(poly, n, h, w, xs, [&](int64_t i, int64_t j0, int64_t j1) {
-      int32_t* row = labels + i * w;
-      for (int64_t j = j0; j < j1; ++j) {
-        if (row[j] == 0) {
-          row[j] = label;
-          count += 1;
-          sx += static_cast<double>(j) + 0.5;
-          sy += static_cast<double>(i) + 0.5;
-        }
-      }
-    });
-    stats[3 * (label - 1)] = count;
-    stats[3 * (label - 1) + 1] = sx;
-    stats[3 * (label - 1) + 2] = sy;
+    const int32_t label = static_cast<int32_t>(accepted + 1);
+    if (place_one(xy + 2 * offsets[c], offsets[c + 1] - offsets[c], max_overlap, min_area, label, labels,
+                  stats + 3 * accepted, h, w, xs)) {
+      ++accepted;
+    }
   }
   return accepted;
 }

@@ -43,7 +43,8 @@ class SynthConfig:
         gain_range: Range of the smooth random gain field on nuclear density.
         clear_chromatin: Fraction of nuclei with cleared (vesicular) interiors.
         rim: Range of extra optical density on the membrane rim (relative).
-        blur_sigma: Range of boundary blur (Gaussian sigma, px), varying smoothly across the patch.
+        blur_sigma: Boundary blur (sigma, px) of the sharpest and the softest edges; each pixel mixes the two by a
+            smooth random field, so sharpness varies across the patch (above 0.8 px a two-box approximation).
         darkness_jitter: Multiplicative jitter of each nucleus' density around a real nucleus' density.
         debris_rate: Mean count of dark debris specks per 400×400 px (unlabelled distractors).
         blob_rate: Mean count of pale out-of-focus blobs per 400×400 px (unlabelled distractors).

@@ -113,3 +113,130 @@ def _inside(poly: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
         x_at = x0 + (ys - y0) * (x1 - x0) / (y1 - y0)
         inside ^= crosses & (xs >= x_at)
     return inside
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(state: int) -> tuple[int, int]:
+    state = (state + 0x9E3779B97F4A7C15) & _MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return state, z ^ (z >> 31)
+
+
+def candidate_polygon_reference(
+    seed: int, c: int, radius: float, vertices: tuple[int, int], irregularity: float,
+    spikiness: tuple[float, float], smooth_rounds: int,
+) -> np.ndarray:
+    """The vertices (relative to the centre, before the warp) of candidate ``c``, as :func:`draw_nuclei` makes it."""
+    state = (seed ^ ((c * 0xD1B54A32D192ED03) & _MASK64)) & _MASK64
+
+    def uniform() -> float:
+        nonlocal state
+        state, z = _splitmix64(state)
+        return (z >> 11) * 2.0**-53
+
+    span = vertices[1] - vertices[0] + 1
+    n = vertices[0] + min(span - 1, int(uniform() * span))
+    step = 2 * np.pi / n
+    delta = irregularity * step
+    angles = [(step - delta) + uniform() * (2 * delta) for _ in range(n)]
+    total = sum(angles)
+    phase = uniform() * 2 * np.pi
+    spike = spikiness[0] + uniform() * (spikiness[1] - spikiness[0])
+    xy, cum = [], 0.0
+    for a in angles:
+        cum += a * (2 * np.pi / total)
+        u1 = 1.0 - uniform()
+        u2 = uniform()
+        r = min(max(radius + spike * radius * np.sqrt(-2 * np.log(u1)) * np.cos(2 * np.pi * u2), 0.0), 2 * radius)
+        xy.append((r * np.cos(cum + phase), r * np.sin(cum + phase)))
+    poly = np.array(xy)
+    for _ in range(smooth_rounds):
+        nxt = np.roll(poly, -1, axis=0)
+        out = np.empty((2 * len(poly), 2))
+        out[0::2] = 0.75 * poly + 0.25 * nxt
+        out[1::2] = 0.25 * poly + 0.75 * nxt
+        poly = out
+    return poly
+
+
+def draw_nuclei(
+    seed: int,
+    centres: np.ndarray,
+    radii: np.ndarray,
+    jac: np.ndarray,
+    shape_hw: tuple[int, int],
+    *,
+    vertices: tuple[int, int] = (10, 17),
+    irregularity: float = 1.0,
+    spikiness: tuple[float, float] = (0.04, 0.24),
+    smooth_rounds: int = 2,
+    max_overlap: float = 0.15,
+    min_area: int = 8,
+    max_accept: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw random star-shaped polygons (method.md §2) around ``centres`` and place them as :func:`place_polygons`.
+
+    Candidate ``c`` has ``N = U{vertices}`` vertices at angular steps ``U(2π/N ± irregularity·2π/N)``
+    renormalised to 2π, radii ``clip(Normal(r, spike·r), 0, 2r)`` with ``spike = U(spikiness)``, then
+    ``smooth_rounds`` of Chaikin corner cutting, the 2×2 map ``jac[c]`` and the move to ``centres[c]``. Its
+    random numbers come from a splitmix64 stream started at ``seed ^ (c · 0xD1B54A32D192ED03)``.
+
+    Args:
+        seed: 64-bit seed of the shapes.
+        centres: ``(K, 2)`` candidate centres ``(x, y)``.
+        radii: ``(K,)`` mean radii.
+        jac: ``(K, 2, 2)`` linear maps applied to each shape (the local Jacobian of the patch's warp).
+        shape_hw: Label map ``(height, width)``.
+        vertices: Vertex count range (inclusive, ≥ 3).
+        irregularity: Angular irregularity in ``[0, 1]``.
+        spikiness: Range of the radius spread.
+        smooth_rounds: Chaikin rounds (0-4).
+        max_overlap: As :func:`place_polygons`.
+        min_area: As :func:`place_polygons`.
+        max_accept: As :func:`place_polygons`.
+
+    Returns:
+        ``(labels, centres)`` as :func:`place_polygons`.
+
+    Raises:
+        ValueError: For inconsistent shapes or out-of-range parameters.
+    """
+    centres = np.ascontiguousarray(centres, dtype=np.float64).reshape(-1, 2)
+    k = len(centres)
+    radii = np.ascontiguousarray(radii, dtype=np.float64).reshape(-1)
+    jac = np.ascontiguousarray(jac, dtype=np.float64).reshape(-1, 2, 2)
+    if len(radii) != k or len(jac) != k:
+        raise ValueError(f"centres, radii and jac must agree in length, got {k}, {len(radii)}, {len(jac)}")
+    if not (3 <= vertices[0] <= vertices[1]) or not 0 <= smooth_rounds <= 4 or not 0 <= irregularity <= 1:
+        raise ValueError(f"bad polygon parameters: vertices={vertices}, smooth_rounds={smooth_rounds}, "
+                         f"irregularity={irregularity}")
+    if not 0.0 <= max_overlap <= 1.0:
+        raise ValueError(f"max_overlap must be in [0, 1], got {max_overlap}")
+    h, w = (int(v) for v in shape_hw)
+    limit = k if max_accept is None else max(0, int(max_accept))
+    labels = np.zeros((h, w), np.int32)
+    stats = np.zeros((max(1, min(k, limit)), 3), np.float64)
+    n = _core.draw_nuclei(int(seed) & _MASK64, centres, radii, jac, int(vertices[0]), int(vertices[1]),
+                          float(irregularity), float(spikiness[0]), float(spikiness[1]), int(smooth_rounds),
+                          float(max_overlap), int(min_area), limit, labels, stats)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return labels, (stats[:n, 1:3] / stats[:n, 0:1]).astype(np.float32)
+
+
+def draw_nuclei_reference(seed: int, centres: np.ndarray, radii: np.ndarray, jac: np.ndarray,
+                          shape_hw: tuple[int, int], **kw: object) -> tuple[np.ndarray, np.ndarray]:
+    """The specification of :func:`draw_nuclei`: every polygon made in Python, placed by the reference."""
+    shape_kw = {k: kw.pop(k) for k in ("vertices", "irregularity", "spikiness", "smooth_rounds") if k in kw}
+    shape_kw = {"vertices": (10, 17), "irregularity": 1.0, "spikiness": (0.04, 0.24), "smooth_rounds": 2} | shape_kw
+    polys = []
+    for c, (centre, radius, m) in enumerate(zip(np.asarray(centres, float), radii, np.asarray(jac, float),
+                                                strict=True)):
+        local = candidate_polygon_reference(seed, c, float(radius), **shape_kw)
+        polys.append(local @ m.T + centre)
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in polys])]).astype(np.int64)
+    xy = np.concatenate(polys) if polys else np.zeros((0, 2))
+    return place_polygons_reference(xy, offsets, shape_hw, **kw)

@@ -53,19 +53,19 @@ def test_place_rejects_bad_input() -> None:
 
 def _paint_inputs(rng: np.random.Generator, h: int, w: int) -> tuple[list, dict]:
     n = 6
-    label_ext = rng.integers(0, n + 1, (h, w)).astype(np.int32)
-    region = rng.integers(0, 3, (h, w)).astype(np.uint8)
-    alpha = rng.uniform(-0.1, 1.0, (h, w)).astype(np.float32)
-    darkness = rng.uniform(0.1, 2.5, n + 1).astype(np.float32)
-    clear = rng.random(n + 1) < 0.5
+    labels = rng.integers(0, n + 1, (h, w)).astype(np.int32)
+    labels[rng.random((h, w)) < 0.3] = 0
     big = rng.standard_normal((h + 7, w + 9)).astype(np.float32)
     args = [
         rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
-        label_ext,
-        region,
-        alpha,
-        darkness,
-        clear,
+        labels,
+        rng.integers(0, n + 1, (h, w)).astype(np.uint16),
+        rng.integers(0, 3, (h, w)).astype(np.uint8),
+        rng.integers(0, 256, (h, w)).astype(np.uint8),
+        rng.integers(0, 256, (h, w)).astype(np.uint8),
+        rng.uniform(0, 1, (h, w)).astype(np.float32),
+        rng.uniform(0.1, 2.5, n + 1).astype(np.float32),
+        rng.random(n + 1) < 0.5,
         big[3 : 3 + h, 5 : 5 + w],  # a crop: rows spaced apart (non-contiguous)
         rng.standard_normal((h, w)).astype(np.float32),
         rng.uniform(0.6, 1.4, (h, w)).astype(np.float32),
@@ -99,6 +99,7 @@ def test_paint_without_nuclei_returns_the_background() -> None:
     rng = np.random.default_rng(0)
     args, kw = _paint_inputs(rng, 20, 30)
     args[1] = np.zeros((20, 30), np.int32)
+    args[2] = np.zeros((20, 30), np.uint16)
     kw.update(extra=None, global_jitter=None)
     np.testing.assert_array_equal(paint_nuclei(*args, **kw), args[0])
 
@@ -108,3 +109,35 @@ def test_paint_rejects_bad_labels() -> None:
     args[1] = np.full((8, 8), 99, np.int32)
     with pytest.raises(ValueError, match="labels must lie"):
         paint_nuclei(*args, **kw)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), k=st.integers(0, 30), smooth=st.integers(0, 2))
+def test_draw_nuclei_matches_reference(seed: int, k: int, smooth: int) -> None:
+    from pysynth.synth.place import draw_nuclei, draw_nuclei_reference
+
+    rng = np.random.default_rng(seed % 2**32)
+    centres = rng.uniform(-5, 65, (k, 2))
+    radii = rng.uniform(3, 12, k)
+    jac = np.eye(2) + rng.uniform(-0.3, 0.3, (k, 2, 2))
+    kw = {"smooth_rounds": smooth, "max_overlap": 0.15, "max_accept": 12}
+    labels, centres_out = draw_nuclei(seed, centres, radii, jac, (60, 64), **kw)
+    ref_labels, ref_centres = draw_nuclei_reference(seed, centres, radii, jac, (60, 64), **kw)
+    # Vertices agree to the last bits (libm cos/sin); a pixel centre exactly on an edge could differ.
+    assert (labels != ref_labels).mean() <= 0.001
+    assert labels.max() == ref_labels.max() <= 12
+    np.testing.assert_allclose(centres_out, ref_centres, atol=0.05)
+
+
+def test_draw_nuclei_shapes_follow_the_parameters() -> None:
+    from pysynth.synth.place import candidate_polygon_reference, draw_nuclei
+
+    for c in range(20):
+        poly = candidate_polygon_reference(7, c, 10.0, (10, 17), 1.0, (0.04, 0.24), 0)
+        assert 10 <= len(poly) <= 17
+        r = np.linalg.norm(poly, axis=1)
+        assert (r <= 20.0 + 1e-9).all()
+    labels, centres = draw_nuclei(7, [[30.0, 30.0]], [10.0], np.eye(2)[None], (60, 60), smooth_rounds=2)
+    assert labels.max() == 1
+    assert 150 < (labels == 1).sum() < 650  # about π·10² px
+    np.testing.assert_allclose(centres[0], [30, 30], atol=3)

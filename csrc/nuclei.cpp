@@ -1,0 +1,98 @@
+#include "nuclei.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "place.hpp"
+
+namespace pysynth {
+
+uint64_t splitmix64(uint64_t& state) {
+  state += 0x9E3779B97F4A7C15ULL;
+  uint64_t z = state;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+namespace {
+
+constexpr double kTwoPi = 6.283185307179586;
+
+inline double uniform(uint64_t& state) {  // [0, 1) with 53 random bits
+  return static_cast<double>(splitmix64(state) >> 11) * 0x1.0p-53;
+}
+
+inline double normal(uint64_t& state) {  // Box-Muller, one value per pair of uniforms
+  const double u1 = 1.0 - uniform(state);
+  const double u2 = uniform(state);
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(kTwoPi * u2);
+}
+
+void make_polygon(uint64_t state, double radius, const PolygonParams& p, std::vector<double>& xy,
+                  std::vector<double>& tmp) {
+  const int64_t span = p.vertices_max - p.vertices_min + 1;
+  const int64_t n = p.vertices_min + std::min<int64_t>(span - 1, static_cast<int64_t>(uniform(state) * span));
+  const double step = kTwoPi / static_cast<double>(n);
+  const double delta = p.irregularity * step;
+  std::vector<double> angles(static_cast<size_t>(n));
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    angles[i] = (step - delta) + uniform(state) * (2.0 * delta);
+    total += angles[i];
+  }
+  const double phase = uniform(state) * kTwoPi;
+  const double spike = p.spike_lo + uniform(state) * (p.spike_hi - p.spike_lo);
+  xy.resize(static_cast<size_t>(2 * n));
+  double cum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    cum += angles[i] * (kTwoPi / total);
+    const double r = std::clamp(radius + spike * radius * normal(state), 0.0, 2.0 * radius);
+    xy[2 * i] = r * std::cos(cum + phase);
+    xy[2 * i + 1] = r * std::sin(cum + phase);
+  }
+  for (int64_t round = 0; round < p.smooth_rounds; ++round) {
+    const size_t m = xy.size() / 2;
+    tmp.resize(4 * m);
+    for (size_t i = 0; i < m; ++i) {
+      const size_t k = (i + 1 == m) ? 0 : i + 1;
+      for (int d = 0; d < 2; ++d) {
+        tmp[4 * i + d] = 0.75 * xy[2 * i + d] + 0.25 * xy[2 * k + d];
+        tmp[4 * i + 2 + d] = 0.25 * xy[2 * i + d] + 0.75 * xy[2 * k + d];
+      }
+    }
+    xy.swap(tmp);
+  }
+}
+
+}  // namespace
+
+int64_t draw_nuclei(uint64_t seed, const double* centres, const double* radii, const double* jac, int64_t k,
+                    const PolygonParams& params, double max_overlap, int64_t min_area, int64_t max_accept,
+                    int32_t* labels, double* stats, int64_t h, int64_t w) {
+  std::vector<double> xy, tmp, xs;
+  xy.reserve(256);
+  tmp.reserve(256);
+  xs.reserve(64);
+  int64_t accepted = 0;
+  for (int64_t c = 0; c < k && accepted < max_accept; ++c) {
+    make_polygon(seed ^ (static_cast<uint64_t>(c) * 0xD1B54A32D192ED03ULL), radii[c], params, xy, tmp);
+    const double* m = jac + 4 * c;
+    const double cx = centres[2 * c], cy = centres[2 * c + 1];
+    const size_t n = xy.size() / 2;
+    for (size_t i = 0; i < n; ++i) {
+      const double x = xy[2 * i], y = xy[2 * i + 1];
+      xy[2 * i] = m[0] * x + m[1] * y + cx;
+      xy[2 * i + 1] = m[2] * x + m[3] * y + cy;
+    }
+    const int32_t label = static_cast<int32_t>(accepted + 1);
+    if (place_one(xy.data(), static_cast<int64_t>(n), max_overlap, min_area, label, labels,
+                  stats + 3 * accepted, h, w, xs)) {
+      ++accepted;
+    }
+  }
+  return accepted;
+}
+
+}  // namespace pysynth
