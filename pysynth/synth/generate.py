@@ -199,20 +199,21 @@ class SynthMaker:
         self.__dict__.update(state)
         self.__post_init__()
 
-    def __call__(self, index: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Item ``index``: its arrays and its meta (source tile, seed, index)."""
+    def __call__(self, index: int, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Item ``index`` (of the stream ``seed``, default the maker's): its arrays and meta (source, seed, index)."""
+        seed = self.seed if seed is None else int(seed)
         from pysynth.synth.recipe import synthesize_patch
         from pysynth.synth.store import item_rng
 
         if self._sources is None:
             cv2.setNumThreads(1)
             self._sources = load_sources(self.dataset_dir)
-        rng = item_rng(self.seed, index)
+        rng = item_rng(seed, index)
         k = int(rng.integers(len(self._sources)))
         patch = synthesize_patch(self._sources[k], rng, self._config)
         xy = np.array([*patch.patch_xy, *patch.reference_xy], np.int32)
         arrays = {"image": patch.image, "labels": patch.labels, "centres": patch.centres, "xy": xy}
-        return arrays, {"source": k, "seed": self.seed, "index": index}
+        return arrays, {"source": k, "seed": seed, "index": index}
 
 
 class SyntheticPatches:
@@ -304,3 +305,34 @@ def write_preview(dataset_dir: str | Path, count: int = 24) -> Path:
     path = Path(dataset_dir) / "preview.png"
     atomic_write_bytes(path, cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))[1].tobytes())
     return path
+
+
+def streaming_dataset(
+    inputs: Sequence[Path],
+    work_dir: str | Path,
+    config: SynthConfig,
+    *,
+    seed: int = 0,
+    length: int | None = None,
+    input_mpp: float | None = None,
+):
+    """A torch ``IterableDataset`` of synthetic patches made on the fly (no shards written).
+
+    The real tiles are prepared once into ``work_dir/sources`` (reused if already there), so DataLoader workers
+    load them instead of redoing the preparation; item ``i`` equals item ``i`` of a dataset written with the same
+    sources, config and seed.
+
+    Returns:
+        A :class:`pysynth.synth.stream.StreamingDataset`; batch it with
+        ``collate_fn=functools.partial(collate, ragged=("centres",))``.
+    """
+    from pysynth.synth.stream import StreamingDataset
+
+    work_dir = Path(work_dir)
+    if not (work_dir / SOURCES_DIR / "sources.json").exists():
+        tiles, failures = collect_real_tiles(inputs, config, input_mpp=input_mpp, seed=seed)
+        if not tiles:
+            raise PysynthError("no usable real tissue in the sources: " + ("; ".join(failures) or "none given"))
+        save_sources(tiles, config, work_dir)
+    maker = SynthMaker(str(work_dir), config.to_dict(), seed)
+    return StreamingDataset(maker, seed=seed, length=length, schema=synth_schema(config.size))

@@ -104,8 +104,23 @@ def paint_nuclei(
             raise ValueError(f"extra must have shape {shape}, got {extra.shape}")
     out = np.empty(background.shape, np.uint8)
     _core.paint_nuclei(
-        background, extra, labels, grown, region, sharp, soft, planes[0], darkness, clear, *planes[1:],
-        float(thin_threshold), float(clear_factor), float(rim_gain), float(contrast), *vectors, out,
+        background,
+        extra,
+        labels,
+        grown,
+        region,
+        sharp,
+        soft,
+        planes[0],
+        darkness,
+        clear,
+        *planes[1:],
+        float(thin_threshold),
+        float(clear_factor),
+        float(rim_gain),
+        float(contrast),
+        *vectors,
+        out,
     )
     return out
 
@@ -146,8 +161,10 @@ def paint_nuclei_reference(
     label = np.where(labels > 0, labels, grown.astype(np.int32))
     s0 = sharp.astype(f32)
     alpha = (s0 + mix.astype(f32) * (soft.astype(f32) - s0)) * f32(1 / 255)
-    d = np.asarray(darkness, f32)[label] * gain.astype(f32) * (
-        f32(1) + f32(contrast) * (f32(0.6) * texture.astype(f32) + f32(0.4) * speckle.astype(f32))
+    d = (
+        np.asarray(darkness, f32)[label]
+        * gain.astype(f32)
+        * (f32(1) + f32(contrast) * (f32(0.6) * texture.astype(f32) + f32(0.4) * speckle.astype(f32)))
     )
     thin_here = (region == 2) & np.asarray(clear, bool)[label] & (thin < f32(thin_threshold))
     d = np.where(thin_here, d * f32(clear_factor), d)

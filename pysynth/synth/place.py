@@ -127,8 +127,13 @@ def _splitmix64(state: int) -> tuple[int, int]:
 
 
 def candidate_polygon_reference(
-    seed: int, c: int, radius: float, vertices: tuple[int, int], irregularity: float,
-    spikiness: tuple[float, float], smooth_rounds: int,
+    seed: int,
+    c: int,
+    radius: float,
+    vertices: tuple[int, int],
+    irregularity: float,
+    spikiness: tuple[float, float],
+    smooth_rounds: int,
 ) -> np.ndarray:
     """The vertices (relative to the centre, before the warp) of candidate ``c``, as :func:`draw_nuclei` makes it."""
     state = (seed ^ ((c * 0xD1B54A32D192ED03) & _MASK64)) & _MASK64
@@ -212,29 +217,46 @@ def draw_nuclei(
     if len(radii) != k or len(jac) != k:
         raise ValueError(f"centres, radii and jac must agree in length, got {k}, {len(radii)}, {len(jac)}")
     if not (3 <= vertices[0] <= vertices[1]) or not 0 <= smooth_rounds <= 4 or not 0 <= irregularity <= 1:
-        raise ValueError(f"bad polygon parameters: vertices={vertices}, smooth_rounds={smooth_rounds}, "
-                         f"irregularity={irregularity}")
+        raise ValueError(
+            f"bad polygon parameters: vertices={vertices}, smooth_rounds={smooth_rounds}, irregularity={irregularity}"
+        )
     if not 0.0 <= max_overlap <= 1.0:
         raise ValueError(f"max_overlap must be in [0, 1], got {max_overlap}")
     h, w = (int(v) for v in shape_hw)
     limit = k if max_accept is None else max(0, int(max_accept))
     labels = np.zeros((h, w), np.int32)
     stats = np.zeros((max(1, min(k, limit)), 3), np.float64)
-    n = _core.draw_nuclei(int(seed) & _MASK64, centres, radii, jac, int(vertices[0]), int(vertices[1]),
-                          float(irregularity), float(spikiness[0]), float(spikiness[1]), int(smooth_rounds),
-                          float(max_overlap), int(min_area), limit, labels, stats)
+    n = _core.draw_nuclei(
+        int(seed) & _MASK64,
+        centres,
+        radii,
+        jac,
+        int(vertices[0]),
+        int(vertices[1]),
+        float(irregularity),
+        float(spikiness[0]),
+        float(spikiness[1]),
+        int(smooth_rounds),
+        float(max_overlap),
+        int(min_area),
+        limit,
+        labels,
+        stats,
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         return labels, (stats[:n, 1:3] / stats[:n, 0:1]).astype(np.float32)
 
 
-def draw_nuclei_reference(seed: int, centres: np.ndarray, radii: np.ndarray, jac: np.ndarray,
-                          shape_hw: tuple[int, int], **kw: object) -> tuple[np.ndarray, np.ndarray]:
+def draw_nuclei_reference(
+    seed: int, centres: np.ndarray, radii: np.ndarray, jac: np.ndarray, shape_hw: tuple[int, int], **kw: object
+) -> tuple[np.ndarray, np.ndarray]:
     """The specification of :func:`draw_nuclei`: every polygon made in Python, placed by the reference."""
     shape_kw = {k: kw.pop(k) for k in ("vertices", "irregularity", "spikiness", "smooth_rounds") if k in kw}
     shape_kw = {"vertices": (10, 17), "irregularity": 1.0, "spikiness": (0.04, 0.24), "smooth_rounds": 2} | shape_kw
     polys = []
-    for c, (centre, radius, m) in enumerate(zip(np.asarray(centres, float), radii, np.asarray(jac, float),
-                                                strict=True)):
+    for c, (centre, radius, m) in enumerate(
+        zip(np.asarray(centres, float), radii, np.asarray(jac, float), strict=True)
+    ):
         local = candidate_polygon_reference(seed, c, float(radius), **shape_kw)
         polys.append(local @ m.T + centre)
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in polys])]).astype(np.int64)

@@ -177,8 +177,9 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
 
     s = config.size
     th, tw = source.rgb.shape[:2]
-    corners = rng.integers(0, [tw - s + 1, th - s + 1, tw - s + 1, th - s + 1, tw - s + 1, th - s + 1,
-                               tw - s + 1, th - s + 1])
+    corners = rng.integers(
+        0, [tw - s + 1, th - s + 1, tw - s + 1, th - s + 1, tw - s + 1, th - s + 1, tw - s + 1, th - s + 1]
+    )
     px, py, rx, ry, tx, ty, qx, qy = (int(v) for v in corners)
     tissue = source.tissue[py : py + s, px : px + s]
     count, size_factor = nucleus_count_and_size(rng, source, config)
@@ -226,8 +227,10 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
 def _box_widths(sigma: float) -> tuple[int, int]:
     """Two odd box widths whose cascade has variance closest to sigma² (a box of width w adds (w² − 1)/12)."""
     widths = range(1, 16, 2)
-    return min(((a, b) for a in widths for b in widths if a <= b),
-               key=lambda ab: abs((ab[0] ** 2 + ab[1] ** 2 - 2) / 12.0 - sigma * sigma))
+    return min(
+        ((a, b) for a in widths for b in widths if a <= b),
+        key=lambda ab: abs((ab[0] ** 2 + ab[1] ** 2 - 2) / 12.0 - sigma * sigma),
+    )
 
 
 def blur_mask(mask: np.ndarray, sigma: float) -> np.ndarray:
