@@ -22,8 +22,11 @@ setup: $(VENV)/.setup-stamp
 
 demo: setup
 	$(VENV)/bin/pysynth sample pysynth/data/CMU-1-Small-Region.svs --out $(DEMO_OUT)/patches \
-		--n-per-slide 24 --size 256 --seed 0 --preview
-	@echo "demo: patches, manifest.csv, contact_sheet.png and overview/ are in $(DEMO_OUT)/patches"
+		--n-per-slide 16 --size 460 --seed 0 --preview
+	$(VENV)/bin/pysynth synthesize --source $(DEMO_OUT)/patches --n 2000 --size 200 --seed 0 --workers 2 \
+		--out $(DEMO_OUT)/synthetic --preview
+	@echo "demo: real patches in $(DEMO_OUT)/patches (contact_sheet.png, overview/);"
+	@echo "      synthetic dataset in $(DEMO_OUT)/synthetic (preview.png: synthetic, outlined, real reference)"
 
 test: setup
 	$(PY) -m pytest

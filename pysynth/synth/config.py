@@ -46,6 +46,8 @@ class SynthConfig:
         blur_sigma: Boundary blur (sigma, px) of the sharpest and the softest edges; each pixel mixes the two by a
             smooth random field, so sharpness varies across the patch (above 0.8 px a two-box approximation).
         darkness_jitter: Multiplicative jitter of each nucleus' density around a real nucleus' density.
+        min_darkness: Least optical density of a nucleus along the stain: some dark components of a real tile are
+            not nuclei, and a labelled nucleus nobody could see is label noise.
         debris_rate: Mean count of dark debris specks per 400×400 px (unlabelled distractors).
         blob_rate: Mean count of pale out-of-focus blobs per 400×400 px (unlabelled distractors).
         colour_jitter: Per-channel multiplicative jitter of optical density (background and nuclei separately).
@@ -77,6 +79,7 @@ class SynthConfig:
     rim: tuple[float, float] = (0.0, 0.6)
     blur_sigma: tuple[float, float] = (0.4, 1.6)
     darkness_jitter: float = 0.2
+    min_darkness: float = 0.2
     debris_rate: float = 3.0
     blob_rate: float = 1.5
     colour_jitter: float = 0.04
@@ -116,6 +119,7 @@ class SynthConfig:
         ordered("rim")
         ordered("blur_sigma")
         check(0.0 <= self.darkness_jitter < 1.0, "darkness_jitter")
+        check(0.0 <= self.min_darkness <= 3.0, "min_darkness")
         check(self.debris_rate >= 0 and self.blob_rate >= 0, "debris_rate")
         check(0.0 <= self.colour_jitter < 0.5, "colour_jitter")
 

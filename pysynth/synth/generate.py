@@ -94,38 +94,39 @@ def collect_real_tiles(
     return kept, failures
 
 
-def save_sources(
-    tiles: Sequence[tuple[str, np.ndarray]],
-    config: SynthConfig,
-    out_dir: Path,
-    progress: Callable[[int], None] | None = None,
-) -> None:
+def _prepare_one(args: tuple[str, np.ndarray, dict, str]) -> None:
+    name, rgb, config, path = args
+    import io
+
+    cv2.setNumThreads(1)
+    s = prepare_source(rgb, SynthConfig.from_dict(config), name)
+    buffer = io.BytesIO()
+    np.savez(buffer, rgb=s.rgb, background=s.background, tissue=s.tissue, stain=s.stain, darkness=s.darkness,
+             density=np.float64(s.density), median_area=np.float64(s.median_area))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_sources(tiles: Sequence[tuple[str, np.ndarray]], config: SynthConfig, out_dir: Path, *, workers: int = 1,
+                 progress: Callable[[int], None] | None = None) -> None:
     """Prepare every tile for synthesis and save it under ``out_dir/sources`` (atomic; kept on resume)."""
     folder = out_dir / SOURCES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for k, (name, rgb) in enumerate(tiles):
-        path = folder / f"{k:05d}.npz"
-        names.append(name)
-        if not path.exists():
-            s = prepare_source(rgb, config, name)
-            import io
+    todo = [(name, rgb, config.to_dict(), str(folder / f"{k:05d}.npz")) for k, (name, rgb) in enumerate(tiles)
+            if not (folder / f"{k:05d}.npz").exists()]
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-            buffer = io.BytesIO()
-            np.savez(
-                buffer,
-                rgb=s.rgb,
-                background=s.background,
-                tissue=s.tissue,
-                stain=s.stain,
-                darkness=s.darkness,
-                density=np.float64(s.density),
-                median_area=np.float64(s.median_area),
-            )
-            atomic_write_bytes(path, buffer.getvalue())
-        if progress is not None:
-            progress(1)
-    atomic_write_text(folder / "sources.json", json.dumps({"names": names}, indent=1))
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for _ in pool.map(_prepare_one, todo):
+                if progress is not None:
+                    progress(1)
+    else:
+        for args in todo:
+            _prepare_one(args)
+            if progress is not None:
+                progress(1)
+    atomic_write_text(folder / "sources.json", json.dumps({"names": [name for name, _ in tiles]}, indent=1))
 
 
 def load_sources(dataset_dir: str | Path) -> list[SourceTile]:
@@ -271,7 +272,8 @@ def synthesize_dataset(
     tiles, failures = collect_real_tiles(inputs, config, input_mpp=input_mpp, seed=seed)
     if not tiles:
         raise PysynthError("no usable real tissue in the sources: " + ("; ".join(failures) or "none given"))
-    save_sources(tiles, config, out_dir)
+    log.info("preparing %d real tile(s) for synthesis", len(tiles))
+    save_sources(tiles, config, out_dir, workers=workers)
     maker = SynthMaker(str(out_dir), config.to_dict(), seed)
     attrs = {"config": config.to_dict(), "seed": seed, "sources": [name for name, _ in tiles]}
     report = write_dataset(

@@ -194,6 +194,7 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
     soft = blur_mask(fg, config.blur_sigma[1])
     darkness = rng.choice(source.darkness, n + 1).astype(np.float32)
     darkness *= rng.uniform(1 - config.darkness_jitter, 1 + config.darkness_jitter, n + 1).astype(np.float32)
+    np.maximum(darkness, np.float32(config.min_darkness), out=darkness)
     jitter = rng.uniform(1 - config.colour_jitter, 1 + config.colour_jitter, 6)
     g_lo, g_hi = config.gain_range
     image = paint_nuclei(
