@@ -36,7 +36,7 @@ from pysynth.errors import PysynthError
 from pysynth.synth.schema import Schema
 
 FORMAT_VERSION = 1
-ZSTD_LEVEL = 1
+ZSTD_LEVEL = -1  # why: see pysynth.synth.store
 HEADER = b"PSYNSHRD" + struct.pack("<I", FORMAT_VERSION) + bytes(4)
 TRAILER = struct.Struct("<8sQQIIII")
 TRAILER_MAGIC = b"PSYNTAIL"

@@ -5,22 +5,26 @@ A dataset folder holds ``index.json`` and ``shards/NNNNNN.shard``. Item ``i`` is
 ``[k·shard_size, (k+1)·shard_size)``; so the files are byte-identical whatever the number of worker processes,
 and a rerun redoes only shards that are missing or damaged. The shard format is in :mod:`pysynth.synth.shard`.
 
-Why each array is compressed on its own with zstd level 1 (measured on one core, 64 items of a 200×200 crop of
-a real MoNuSeg H&E tile and a uint16 label map of 20–60 random filled circles; 200 kB raw per item):
+Why each array is compressed on its own with zstd level -1 (measured on one core, best of 10, over 32 items of a
+200×200 crop of a real MoNuSeg H&E tile and a uint16 label map of 20–60 random filled circles; 200 kB raw):
 
 =====================  ============  ================  ================
 encoding               kB per item   encode items/s    decode items/s
 =====================  ============  ================  ================
-zstd level 1           114           2,300–2,600       2,500–3,600
-zstd level 3           114           1,400–2,000       2,500–3,700
-zstd level 6           112           450               2,400
-row delta + zstd 1     84            1,700–1,900       1,500
-PNG (OpenCV default)   84            380–400           550–720
+zstd level 6           111           390–460           3,400–3,700
+zstd level 3           113           1,700             3,400–3,500
+zstd level 1           113           2,400–2,600       3,500
+zstd level -1 (used)   120           3,900–4,300       6,000–6,300
+zstd level -4          122           4,900–5,600       6,200–6,800
+row delta + zstd 1     82            1,600             1,650
+PNG (OpenCV default)   82            380               600
 =====================  ============  ================  ================
 
-H&E texture is noisy, so zstd alone saves little on the image (113 kB of 120 kB) but the label map shrinks to
-1.7 kB. PNG's prediction filters (or a row delta before zstd) save another quarter of the bytes, but decoding
-then falls below the 2,000 items/s a training loop needs per core; levels above 1 cost write time for < 1 %.
+H&E texture is noise to an LZ compressor: without a prediction filter zstd saves under 6 % of the image at any
+level, while the label map shrinks from 80 kB to under 2 kB at every level. Level -1 skips entropy coding of the
+image's literals, which doubles encoding and decoding speed for 6 % more bytes than level 1 and leaves room in
+the 2,000 items/s per core budget for checksums, file writes and fsync. PNG's prediction filters (or a row delta
+before zstd) would save a third of the bytes, but decoding would fall below what a training loop needs per core.
 Compressing arrays separately (not the whole shard) keeps every item one ``pread`` plus a few decompressions
 away, and each zstd frame's checksum catches damage when the item is read. ``pysynth.bench.store`` measures
 the whole path (writing with 1 and 2 workers, random reading) next to one PNG pair per item.
