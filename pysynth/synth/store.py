@@ -41,7 +41,7 @@ import os
 import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -160,13 +160,14 @@ def _init_worker(make_item: MakeItem) -> None:
     _WORKER["make_item"] = make_item
 
 
-def _worker_task(args: tuple) -> ShardRecord:
-    return _write_shard(_WORKER["make_item"], *args)
+def _worker_task(jobs: list[tuple], schema: Schema, fingerprint: str) -> list[tuple[int, ShardRecord]]:
+    return _write_shards(_WORKER["make_item"], jobs, schema, fingerprint)
 
 
-def _write_shard(
+def _make_shard(
     make_item: MakeItem, path: Path, schema: Schema, fingerprint: str, start: int, stop: int
-) -> ShardRecord:
+) -> ShardWriter:
+    """Write items ``start..stop-1`` to a sealed (not yet committed) shard."""
     try:
         writer = ShardWriter(path, schema, fingerprint, start)
     except OSError as exc:
@@ -183,9 +184,56 @@ def _write_shard(
             except OSError as exc:
                 raise PysynthError(f"{path}: writing the shard failed ({exc.strerror or exc})") from exc
         try:
-            return writer.finish()
+            writer.seal()
         except OSError as exc:
             raise PysynthError(f"{path}: writing the shard failed ({exc.strerror or exc})") from exc
+    return writer
+
+
+def _commit(writer: ShardWriter) -> ShardRecord:
+    try:
+        return writer.commit()
+    except OSError as exc:
+        raise PysynthError(f"{writer.path}: writing the shard failed ({exc.strerror or exc})") from exc
+
+
+def _write_shards(
+    make_item: MakeItem,
+    jobs: list[tuple[int, Path, int, int]],
+    schema: Schema,
+    fingerprint: str,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[int, ShardRecord]]:
+    """Write shards ``(k, path, start, stop)`` in turn; a thread fsyncs each one while the next is made."""
+    results: list[tuple[int, ShardRecord]] = []
+    pending: tuple[int, Future] | None = None
+
+    def settle() -> None:
+        nonlocal pending
+        k, future = pending
+        pending = None
+        results.append((k, future.result()))
+        if progress is not None:
+            progress(results[-1][1].items)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="pysynth-fsync") as committer:
+        try:
+            for k, path, start, stop in jobs:
+                writer = _make_shard(make_item, path, schema, fingerprint, start, stop)
+                try:
+                    if pending is not None:
+                        settle()
+                except BaseException:
+                    writer.abort()
+                    raise
+                pending = (k, committer.submit(_commit, writer))
+            if pending is not None:
+                settle()
+        except BaseException:
+            if pending is not None:  # let it finish: a committed shard is complete
+                pending[1].exception()
+            raise
+    return results
 
 
 def write_dataset(
@@ -262,14 +310,12 @@ def write_dataset(
             if progress is not None:
                 progress(stop - start)
             continue
-        todo.append((k, (path, schema, params["fingerprint"], start, stop)))
+        todo.append((k, path, start, stop))
     skipped = n_shards - len(todo)
 
     if workers == 1 or len(todo) <= 1:
-        for k, args in todo:
-            records[k] = _write_shard(make_item, *args)
-            if progress is not None:
-                progress(records[k].items)
+        for k, record in _write_shards(make_item, todo, schema, params["fingerprint"], progress):
+            records[k] = record
     else:
         try:
             pickle.dumps(make_item)
@@ -277,20 +323,27 @@ def write_dataset(
             raise TypeError(f"make_item must be picklable to run in worker processes ({exc})") from None
         import multiprocessing
 
+        # a few consecutive shards per task, so that a worker's fsync overlaps its next shard
+        chunk = max(1, min(8, len(todo) // (4 * workers)))
+        groups = [todo[g : g + chunk] for g in range(0, len(todo), chunk)]
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
-            min(workers, len(todo)), mp_context=context, initializer=_init_worker, initargs=(make_item,)
+            min(workers, len(groups)), mp_context=context, initializer=_init_worker, initargs=(make_item,)
         ) as pool:
-            futures = {pool.submit(_worker_task, args): k for k, args in todo}
+            futures = [pool.submit(_worker_task, group, schema, params["fingerprint"]) for group in groups]
             try:
                 for future in as_completed(futures):
-                    k = futures[future]
-                    records[k] = future.result()
-                    if progress is not None:
-                        progress(records[k].items)
+                    for k, record in future.result():
+                        records[k] = record
+                        if progress is not None:
+                            progress(record.items)
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+    names = {r.file for r in records}
+    for stale in shard_dir.glob("*.shard"):  # beyond the end, from a run whose index was lost
+        if stale.name not in names:
+            stale.unlink()
     _write_index(out, params, records)
     return WriteReport(out, n, len(todo), skipped)
 
