@@ -251,8 +251,10 @@ def write_dataset(
     """Write items ``0..n-1`` as a sharded dataset; resumes an interrupted run in the same folder.
 
     Complete shards left by an earlier run with the same parameters are checked (size, trailer, footer CRC,
-    item count, dataset fingerprint) and kept; missing or damaged ones and stray temporary files are redone.
-    ``index.json`` is written at the start (marked incomplete) and rewritten at the end. One writer per folder.
+    item count, dataset fingerprint) and kept; missing or damaged ones are redone, and temporary files left by an
+    interrupted run are removed. ``index.json`` is written at the start (marked incomplete) and rewritten at the
+    end. Each shard is fsynced (in a thread, while the next one is made) before it is renamed into place. One
+    writer per folder.
 
     Args:
         out_dir: Dataset folder (created if needed).
@@ -263,7 +265,8 @@ def write_dataset(
         schema: What each item holds.
         shard_size: Items per shard (the last one may hold fewer).
         workers: Worker processes (1: in this process).
-        progress: Called with a number of items each time a shard is done or found complete.
+        progress: Called with a shard's item count each time a shard is written or found complete (with
+            ``workers > 1``, in groups of up to 8 shards as each worker finishes a group).
         attrs: JSON-able facts recorded in the index (the generating config, ...); part of the parameters.
         overwrite: Replace a dataset with other parameters in ``out_dir`` instead of refusing.
 
