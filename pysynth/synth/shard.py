@@ -36,7 +36,7 @@ from pysynth.errors import PysynthError
 from pysynth.synth.schema import Schema
 
 FORMAT_VERSION = 1
-ZSTD_LEVEL = 1
+ZSTD_LEVEL = -1  # why: see pysynth.synth.store
 HEADER = b"PSYNSHRD" + struct.pack("<I", FORMAT_VERSION) + bytes(4)
 TRAILER = struct.Struct("<8sQQIIII")
 TRAILER_MAGIC = b"PSYNTAIL"
@@ -124,12 +124,8 @@ class ShardWriter:
             row.extend(arrays[i].shape[d] for d in dims)
         self._rows.append(row)
 
-    def finish(self) -> ShardRecord:
-        """Write footer and trailer, fsync, and rename the file into place.
-
-        Returns:
-            The shard's :class:`ShardRecord`.
-        """
+    def seal(self) -> None:
+        """Write footer and trailer and flush them to the operating system (not yet to the disk)."""
         columns = 2 + len(self._schema.fields) + sum(len(d) for _, d in self._ragged)
         head = json.dumps(
             {
@@ -149,10 +145,32 @@ class ShardWriter:
         )
         self._handle.write(trailer)
         self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
-        self.temp_path.replace(self.path)
+
+    def commit(self) -> ShardRecord:
+        """After :meth:`seal`: fsync the file and rename it into place; on failure remove it.
+
+        Safe to run in another thread while the next shard is made (fsync waits on the disk, not the GIL).
+
+        Returns:
+            The shard's :class:`ShardRecord`.
+        """
+        try:
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self.temp_path.replace(self.path)
+        except BaseException:
+            self.abort()
+            raise
         return ShardRecord(self.path.name, len(self._rows), self._offset + TRAILER.size, self._crc)
+
+    def finish(self) -> ShardRecord:
+        """:meth:`seal` and :meth:`commit`.
+
+        Returns:
+            The shard's :class:`ShardRecord`.
+        """
+        self.seal()
+        return self.commit()
 
     def abort(self) -> None:
         """Close and remove the temporary file."""

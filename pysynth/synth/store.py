@@ -5,25 +5,34 @@ A dataset folder holds ``index.json`` and ``shards/NNNNNN.shard``. Item ``i`` is
 ``[k·shard_size, (k+1)·shard_size)``; so the files are byte-identical whatever the number of worker processes,
 and a rerun redoes only shards that are missing or damaged. The shard format is in :mod:`pysynth.synth.shard`.
 
-Why each array is compressed on its own with zstd level 1 (measured on one core, 64 items of a 200×200 crop of
-a real MoNuSeg H&E tile and a uint16 label map of 20–60 random filled circles; 200 kB raw per item):
+Why each array is compressed on its own with zstd level -1 (measured on one core, best of 10, over 32 items of a
+200×200 crop of a real MoNuSeg H&E tile and a uint16 label map of 20–60 random filled circles; 200 kB raw):
 
 =====================  ============  ================  ================
 encoding               kB per item   encode items/s    decode items/s
 =====================  ============  ================  ================
-zstd level 1           114           2,300–2,600       2,500–3,600
-zstd level 3           114           1,400–2,000       2,500–3,700
-zstd level 6           112           450               2,400
-row delta + zstd 1     84            1,700–1,900       1,500
-PNG (OpenCV default)   84            380–400           550–720
+zstd level 6           111           390–460           3,400–3,700
+zstd level 3           113           1,700             3,400–3,500
+zstd level 1           113           2,400–2,600       3,500
+zstd level -1 (used)   120           3,900–4,300       6,000–6,300
+zstd level -4          122           4,900–5,600       6,200–6,800
+row delta + zstd 1     82            1,600             1,650
+PNG (OpenCV default)   82            380               600
 =====================  ============  ================  ================
 
-H&E texture is noisy, so zstd alone saves little on the image (113 kB of 120 kB) but the label map shrinks to
-1.7 kB. PNG's prediction filters (or a row delta before zstd) save another quarter of the bytes, but decoding
-then falls below the 2,000 items/s a training loop needs per core; levels above 1 cost write time for < 1 %.
+H&E texture is noise to an LZ compressor: without a prediction filter zstd saves under 6 % of the image at any
+level, while the label map shrinks from 80 kB to under 2 kB at every level. Level -1 skips entropy coding of the
+image's literals, which doubles encoding and decoding speed for 6 % more bytes than level 1 and leaves room in
+the 2,000 items/s per core budget for checksums, file writes and fsync. PNG's prediction filters (or a row delta
+before zstd) would save a third of the bytes, but decoding would fall below what a training loop needs per core.
 Compressing arrays separately (not the whole shard) keeps every item one ``pread`` plus a few decompressions
-away, and each zstd frame's checksum catches damage when the item is read. ``pysynth.bench.store`` measures
-the whole path (writing with 1 and 2 workers, random reading) next to one PNG pair per item.
+away, and each zstd frame's checksum catches damage when the item is read.
+
+The whole path, from ``python -m pysynth.bench.store`` on a 2-core VM shared with other jobs (load ≈ 2.8): for
+200×200 items (121 kB each on disk, PNG pairs 82 kB), writing 1,800 items/s with one worker, fsync included
+(about 3,300 items/s of CPU work per core when the disk wait is left out), random reading 5,000–7,000 items/s;
+one PNG pair per item: 240 written and 570 read per second. For 400×400 items (487 kB), 420 written (disk-bound
+at ~200 MB/s there) and 2,900 read per second, against 72 and 175 for PNG.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import os
 import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -156,13 +165,14 @@ def _init_worker(make_item: MakeItem) -> None:
     _WORKER["make_item"] = make_item
 
 
-def _worker_task(args: tuple) -> ShardRecord:
-    return _write_shard(_WORKER["make_item"], *args)
+def _worker_task(jobs: list[tuple], schema: Schema, fingerprint: str) -> list[tuple[int, ShardRecord]]:
+    return _write_shards(_WORKER["make_item"], jobs, schema, fingerprint)
 
 
-def _write_shard(
+def _make_shard(
     make_item: MakeItem, path: Path, schema: Schema, fingerprint: str, start: int, stop: int
-) -> ShardRecord:
+) -> ShardWriter:
+    """Write items ``start..stop-1`` to a sealed (not yet committed) shard."""
     try:
         writer = ShardWriter(path, schema, fingerprint, start)
     except OSError as exc:
@@ -179,9 +189,56 @@ def _write_shard(
             except OSError as exc:
                 raise PysynthError(f"{path}: writing the shard failed ({exc.strerror or exc})") from exc
         try:
-            return writer.finish()
+            writer.seal()
         except OSError as exc:
             raise PysynthError(f"{path}: writing the shard failed ({exc.strerror or exc})") from exc
+    return writer
+
+
+def _commit(writer: ShardWriter) -> ShardRecord:
+    try:
+        return writer.commit()
+    except OSError as exc:
+        raise PysynthError(f"{writer.path}: writing the shard failed ({exc.strerror or exc})") from exc
+
+
+def _write_shards(
+    make_item: MakeItem,
+    jobs: list[tuple[int, Path, int, int]],
+    schema: Schema,
+    fingerprint: str,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[int, ShardRecord]]:
+    """Write shards ``(k, path, start, stop)`` in turn; a thread fsyncs each one while the next is made."""
+    results: list[tuple[int, ShardRecord]] = []
+    pending: tuple[int, Future] | None = None
+
+    def settle() -> None:
+        nonlocal pending
+        k, future = pending
+        pending = None
+        results.append((k, future.result()))
+        if progress is not None:
+            progress(results[-1][1].items)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="pysynth-fsync") as committer:
+        try:
+            for k, path, start, stop in jobs:
+                writer = _make_shard(make_item, path, schema, fingerprint, start, stop)
+                try:
+                    if pending is not None:
+                        settle()
+                except BaseException:
+                    writer.abort()
+                    raise
+                pending = (k, committer.submit(_commit, writer))
+            if pending is not None:
+                settle()
+        except BaseException:
+            if pending is not None:  # let it finish: a committed shard is complete
+                pending[1].exception()
+            raise
+    return results
 
 
 def write_dataset(
@@ -199,8 +256,10 @@ def write_dataset(
     """Write items ``0..n-1`` as a sharded dataset; resumes an interrupted run in the same folder.
 
     Complete shards left by an earlier run with the same parameters are checked (size, trailer, footer CRC,
-    item count, dataset fingerprint) and kept; missing or damaged ones and stray temporary files are redone.
-    ``index.json`` is written at the start (marked incomplete) and rewritten at the end. One writer per folder.
+    item count, dataset fingerprint) and kept; missing or damaged ones are redone, and temporary files left by an
+    interrupted run are removed. ``index.json`` is written at the start (marked incomplete) and rewritten at the
+    end. Each shard is fsynced (in a thread, while the next one is made) before it is renamed into place. One
+    writer per folder.
 
     Args:
         out_dir: Dataset folder (created if needed).
@@ -211,7 +270,8 @@ def write_dataset(
         schema: What each item holds.
         shard_size: Items per shard (the last one may hold fewer).
         workers: Worker processes (1: in this process).
-        progress: Called with a number of items each time a shard is done or found complete.
+        progress: Called with a shard's item count each time a shard is written or found complete (with
+            ``workers > 1``, in groups of up to 8 shards as each worker finishes a group).
         attrs: JSON-able facts recorded in the index (the generating config, ...); part of the parameters.
         overwrite: Replace a dataset with other parameters in ``out_dir`` instead of refusing.
 
@@ -258,14 +318,12 @@ def write_dataset(
             if progress is not None:
                 progress(stop - start)
             continue
-        todo.append((k, (path, schema, params["fingerprint"], start, stop)))
+        todo.append((k, path, start, stop))
     skipped = n_shards - len(todo)
 
     if workers == 1 or len(todo) <= 1:
-        for k, args in todo:
-            records[k] = _write_shard(make_item, *args)
-            if progress is not None:
-                progress(records[k].items)
+        for k, record in _write_shards(make_item, todo, schema, params["fingerprint"], progress):
+            records[k] = record
     else:
         try:
             pickle.dumps(make_item)
@@ -273,20 +331,27 @@ def write_dataset(
             raise TypeError(f"make_item must be picklable to run in worker processes ({exc})") from None
         import multiprocessing
 
+        # a few consecutive shards per task, so that a worker's fsync overlaps its next shard
+        chunk = max(1, min(8, len(todo) // (4 * workers)))
+        groups = [todo[g : g + chunk] for g in range(0, len(todo), chunk)]
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
-            min(workers, len(todo)), mp_context=context, initializer=_init_worker, initargs=(make_item,)
+            min(workers, len(groups)), mp_context=context, initializer=_init_worker, initargs=(make_item,)
         ) as pool:
-            futures = {pool.submit(_worker_task, args): k for k, args in todo}
+            futures = [pool.submit(_worker_task, group, schema, params["fingerprint"]) for group in groups]
             try:
                 for future in as_completed(futures):
-                    k = futures[future]
-                    records[k] = future.result()
-                    if progress is not None:
-                        progress(records[k].items)
+                    for k, record in future.result():
+                        records[k] = record
+                        if progress is not None:
+                            progress(record.items)
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+    names = {r.file for r in records}
+    for stale in shard_dir.glob("*.shard"):  # beyond the end, from a run whose index was lost
+        if stale.name not in names:
+            stale.unlink()
     _write_index(out, params, records)
     return WriteReport(out, n, len(todo), skipped)
 

@@ -109,7 +109,7 @@ def collate(batch: Sequence[Mapping[str, Any]], *, ragged: Collection[str] = ())
         elif key == "index":
             out[key] = torch.tensor(values, dtype=torch.int64)
         elif key in ragged:
-            out[key] = [torch.as_tensor(v) for v in values]
+            out[key] = [_tensor(v) for v in values]
         else:
             shapes = {tuple(v.shape) for v in values}
             if len(shapes) > 1:
@@ -119,3 +119,9 @@ def collate(batch: Sequence[Mapping[str, Any]], *, ragged: Collection[str] = ())
             else:
                 out[key] = torch.from_numpy(np.stack(values))
     return out
+
+
+def _tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.from_numpy(value if value.flags.writeable else value.copy())  # torch warns on read-only arrays

@@ -154,6 +154,14 @@ def test_rerun_with_other_parameters_is_refused(tmp_path: Path, change: dict, wo
     assert files(tmp_path / "ds") == before
 
 
+def test_stale_shards_beyond_the_end_are_removed(tmp_path: Path) -> None:
+    path = tmp_path / "ds"
+    write(path, n=13)
+    (path / "index.json").unlink()  # lost: the folder's shards no longer say what they belong to
+    assert write(path, n=6).written == 2  # the old shards' fingerprint is not this dataset's
+    assert sorted(files(path)) == ["000000.shard", "000001.shard"]
+
+
 def test_overwrite_replaces_the_dataset(tmp_path: Path) -> None:
     path = tmp_path / "ds"
     write(path, n=13)
@@ -237,6 +245,27 @@ def test_disk_full_leaves_no_partial_shard(tmp_path: Path, monkeypatch: pytest.M
     write(tmp_path / "reference")
     assert write(path).skipped == 1
     assert files(path) == files(tmp_path / "reference")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell shard files apart")
+def test_disk_full_at_fsync_leaves_no_partial_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        name = Path(f"/proc/self/fd/{fd}").readlink().name
+        if name.endswith(".part") and ".shard." in name:
+            synced.append(name)
+            if len(synced) == 2:  # the second shard's data does not fit on the disk
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(PysynthError, match=r"000001\.shard.*No space left"):
+        write(tmp_path / "ds")
+    assert synced[1].startswith(".000001.shard.")
+    assert sorted(p.name for p in (tmp_path / "ds" / "shards").iterdir()) == ["000000.shard"]
 
 
 def test_items_that_break_the_schema_are_refused(tmp_path: Path) -> None:

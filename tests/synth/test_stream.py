@@ -96,6 +96,9 @@ def test_collate_stacks_fixed_arrays_and_lists_ragged_ones() -> None:
     assert [c.shape for c in batch["centres"]] == [(0, 2), (1, 2), (2, 2)]
     assert batch["index"].tolist() == [0, 1, 2]
     assert batch["meta"] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    frozen = items[2]["centres"].copy()
+    frozen.flags.writeable = False  # e.g. a view of a shared pool
+    assert collate([items[2] | {"centres": frozen}], ragged=("centres",))["centres"][0].shape == (2, 2)
     with pytest.raises(ValueError, match="'centres' differs in shape"):
         collate(items)
     with pytest.raises(ValueError, match="empty"):
