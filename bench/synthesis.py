@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -95,6 +96,12 @@ def _load_average() -> float | None:
         return None
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished child processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _timing(name: str, samples: list[float], items: float, extra: dict | None = None) -> Timing:
     q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
     return Timing(name, statistics.median(samples), q[0], q[2], len(samples), items, "patch", extra or {})
@@ -109,6 +116,7 @@ def _scaling(tiles: list[np.ndarray], quick: bool) -> list[Timing]:
     n, shard_size, repeats = (256, 64, 1) if quick else (4096, 512, 3)
     config = SynthConfig(size=200)
     samples: dict[int, list[float]] = {1: [], 2: []}
+    busy: dict[int, list[float]] = {1: [], 2: []}  # CPU seconds (this process and its workers) per wall second
     with tempfile.TemporaryDirectory(prefix="pysynth-bench-") as tmp:
         data = Path(tmp) / "data"
         save_sources([(f"{SLIDE}#{k}", rgb) for k, rgb in enumerate(tiles)], config, data)
@@ -116,13 +124,15 @@ def _scaling(tiles: list[np.ndarray], quick: bool) -> list[Timing]:
             for workers in samples:
                 out = Path(tmp) / f"w{workers}-{rep}"
                 maker = SynthMaker(str(data), config.to_dict(), SEED)  # fresh: each run loads its sources
-                start = time.perf_counter()
+                cpu_before, start = _cpu_seconds(), time.perf_counter()
                 write_dataset(out, n, maker, schema=synth_schema(config.size), shard_size=shard_size, workers=workers)
                 samples[workers].append(time.perf_counter() - start)
+                busy[workers].append((_cpu_seconds() - cpu_before) / samples[workers][-1])
                 shutil.rmtree(out)
     name = f"write_dataset 200x200 n={n} shard={shard_size}"
-    one = _timing(f"{name} workers=1", samples[1], n, {"workers": 1})
-    two = _timing(f"{name} workers=2", samples[2], n, {"workers": 2, "baseline": one.name})
+    one = _timing(f"{name} workers=1", samples[1], n, {"workers": 1, "cpus_busy": statistics.median(busy[1])})
+    extra = {"workers": 2, "baseline": one.name, "cpus_busy": statistics.median(busy[2])}
+    two = _timing(f"{name} workers=2", samples[2], n, extra)
     return [one, two]
 
 
@@ -179,6 +189,8 @@ def run(quick: bool = False) -> list[Timing | dict]:
             "cpu": topology,
             "load_average_1min": {"before": load_before, "after": _load_average()},
             "scaling_speedup_2_workers": round(two.rate / one.rate, 3),
+            "scaling_cpus_busy": f"{one.extra['cpus_busy']:.2f} (1 worker), {two.extra['cpus_busy']:.2f} (2 workers)"
+            " CPU s per wall s; below 2 with 2 workers means the cores were shared with other work",
             "scaling_note": (
                 f"{topology.get('usable_cpus', topology['logical_cpus'])} usable CPUs, "
                 + {True: "physical cores (1 thread per core)", False: "SMT siblings", None: "topology unknown"}[
