@@ -7,6 +7,7 @@ import sys
 import click
 
 from pysynth import __version__
+from pysynth.cli.bench import bench_command
 from pysynth.cli.sample import sample_command
 from pysynth.cli.synthesize import synthesize_command
 
@@ -28,6 +29,7 @@ def cli() -> None:
     """Learn to segment nuclei in H&E slides without annotations, then segment whole slides."""
 
 
+cli.add_command(bench_command)
 cli.add_command(sample_command)
 cli.add_command(synthesize_command)
 

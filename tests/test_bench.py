@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+def test_bench_quick_synthesis_writes_json(run_cli, tmp_path):
+    out = tmp_path / "out.json"
+    result = run_cli("bench", "--quick", "--section", "synthesis", "--json", out)
+    assert result.code == 0, result.err
+    assert "synthesize_patch 200x200" in result.out
+    assert "vs baseline" in result.out
+    record = json.loads(out.read_text())
+    machine = record["machine"]
+    assert machine["cpu_count"] >= 1
+    assert machine["python"]
+    assert "numpy" in machine
+    assert record["quick"] is True
+    section = record["sections"]["synthesis"]
+    assert section["available"]
+    timings = {t["name"]: t for t in section["timings"]}
+    for size in (200, 400):
+        ours = timings[f"synthesize_patch {size}x{size}"]
+        baseline = timings[ours["extra"]["baseline"]]
+        assert "baseline" in baseline["name"]
+        assert ours["rate"] > 0
+        assert baseline["rate"] > 0
+        assert ours["ratio_vs_baseline"] == pytest.approx(ours["rate"] / baseline["rate"])
+    workers = [t for t in section["timings"] if t["name"].startswith("write_dataset")]
+    assert [t["extra"]["workers"] for t in workers] == [1, 2]
+    assert all(t["rate"] > 0 for t in workers)
+    assert section["notes"]["scaling_speedup_2_workers"] > 0
+    assert section["notes"]["cpu"]["logical_cpus"] >= 1
+    assert "physical_cores" in section["notes"]["cpu"]
+
+
+def test_bench_missing_section_is_reported(run_cli, monkeypatch):
+    from pysynth.bench import suite
+
+    monkeypatch.setattr(suite, "load_section", lambda name: None)
+    result = run_cli("bench", "--quick", "--section", "store")
+    assert result.code == 1
+    assert "store section not available" in result.err
+    assert suite.run_section("store", quick=True).notes == {"status": "store section not available"}
+
+
+def test_suite_pairs_and_notes(monkeypatch):
+    import types
+
+    from pysynth.bench import suite
+    from pysynth.bench.harness import Timing
+
+    ours, library = Timing("a", 1.0, 0.9, 1.1, 3), Timing("a [library]", 3.0, 2.9, 3.1, 3)
+    fake = types.SimpleNamespace(run=lambda quick: [(ours, library), {"note": "x"}])
+    monkeypatch.setattr(suite, "load_section", lambda name: fake)
+    result = suite.run_section("kernels", quick=True)
+    assert result.ratio(ours) == pytest.approx(3.0)
+    assert result.ratio(library) is None
+    table = suite.format_section(result)
+    assert "3.00x" in table
+    assert "baseline" in table
+    assert "note: x" in table
+
+
+@pytest.fixture(scope="module")
+def real_tile():
+    from pysynth.bench.synthesis import real_tiles
+
+    return real_tiles(n=1, side=400)[0]
+
+
+@pytest.mark.parametrize("size", [200, 400])
+def test_baseline_patch_is_plausible(real_tile, size):
+    from pysynth.bench.baseline_synthesis import baseline_patch
+    from pysynth.synth.store import item_rng
+
+    nonempty = 0
+    for i in range(6):
+        image, labels = baseline_patch(real_tile, item_rng(0, i), size)
+        assert image.shape == (size, size, 3)
+        assert image.dtype == np.uint8
+        assert labels.shape == (size, size)
+        n = int(labels.max())
+        assert set(np.unique(labels)) == set(range(n + 1))
+        if n:
+            nonempty += 1
+            nuclei = labels > 0
+            # Nuclei are darker than their surroundings.
+            assert image[nuclei].mean() < image[~nuclei].mean()
+    assert nonempty >= 3
+
+
+def test_baseline_draw_nonempty_mask():
+    from pysynth.bench.baseline_synthesis import _draw_polygons
+
+    labels = _draw_polygons(np.random.default_rng(0), 200, 10)
+    assert labels.max() >= 5
+    assert (labels > 0).mean() > 0.02
+
+
+def test_rgb2hed_matches_skimage():
+    from skimage.color import rgb2hed as reference
+
+    from pysynth.bench.baseline_synthesis import rgb2hed
+
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(rgb2hed(rgb), reference(rgb), atol=1e-10)
