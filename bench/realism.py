@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     from pysynth.bench.harness import format_table
 
     print(f"synthetic: {len(synth)} patches; real: {len(real)} patches of {size} px from {args.labels.name}")
-    print(format_table(rows, ["statistic", "synth mean", "p10", "median", "p90", "real mean", "p10", "median",
-                              "p90"]))
+    print(format_table(rows, ["statistic", "synth mean", "p10", "median", "p90", "real mean", "p10", "median", "p90"]))
 
 
 if __name__ == "__main__":

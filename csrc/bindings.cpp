@@ -38,7 +38,8 @@ T* mptr(Array<T>& a) {
   return a.mutable_data();
 }
 
-// A 2-D float32 view whose rows may be spaced apart (a crop of a larger image); columns must be adjacent.
+// A 2-D float32 view whose rows may be spaced apart (a crop of a larger image); columns must be
+// adjacent.
 pysynth::Plane plane(const py::array_t<float>& a, int64_t h, int64_t w) {
   if (a.ndim() != 2 || a.shape(0) != h || a.shape(1) != w || a.strides(1) != sizeof(float) ||
       a.strides(0) % static_cast<py::ssize_t>(sizeof(float)) != 0) {
@@ -162,8 +163,8 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "place_polygons",
-      [](const Array<double>& xy, const Array<int64_t>& offsets, double max_overlap, int64_t min_area,
-         int64_t max_accept, Array<int32_t>& labels, Array<double>& stats) {
+      [](const Array<double>& xy, const Array<int64_t>& offsets, double max_overlap,
+         int64_t min_area, int64_t max_accept, Array<int32_t>& labels, Array<double>& stats) {
         const int64_t h = labels.shape(0), w = labels.shape(1);
         const int64_t n = offsets.shape(0) - 1;
         const double* pxy = xy.data();
@@ -171,24 +172,29 @@ PYBIND11_MODULE(_core, m) {
         int32_t* plab = labels.mutable_data();
         double* pst = stats.mutable_data();
         py::gil_scoped_release release;
-        return pysynth::place_polygons(pxy, poff, n, max_overlap, min_area, max_accept, plab, pst, h, w);
+        return pysynth::place_polygons(pxy, poff, n, max_overlap, min_area, max_accept, plab, pst,
+                                       h, w);
       },
-      py::arg("xy").noconvert(), py::arg("offsets").noconvert(), py::arg("max_overlap"), py::arg("min_area"),
-      py::arg("max_accept"), py::arg("labels").noconvert(), py::arg("stats").noconvert(),
+      py::arg("xy").noconvert(), py::arg("offsets").noconvert(), py::arg("max_overlap"),
+      py::arg("min_area"), py::arg("max_accept"), py::arg("labels").noconvert(),
+      py::arg("stats").noconvert(),
       "Place polygon candidates in order into int32 labels (see pysynth.synth.place).");
 
   m.def(
       "paint_nuclei",
-      [](const Array<uint8_t>& background, const std::optional<Array<float>>& extra, const Array<int32_t>& labels,
-         const Array<uint16_t>& grown, const Array<uint8_t>& region, const Array<uint8_t>& sharp,
-         const Array<uint8_t>& soft, const py::array_t<float>& mix, const Array<float>& darkness,
-         const Array<uint8_t>& clear, const py::array_t<float>& texture, const py::array_t<float>& speckle,
-         const py::array_t<float>& gain, const py::array_t<float>& thin, float thin_threshold, float clear_factor,
-         float rim_gain, float contrast, const Array<float>& stain, const Array<float>& nuclear_jitter,
+      [](const Array<uint8_t>& background, const std::optional<Array<float>>& extra,
+         const Array<int32_t>& labels, const Array<uint16_t>& grown, const Array<uint8_t>& region,
+         const Array<uint8_t>& sharp, const Array<uint8_t>& soft, const py::array_t<float>& mix,
+         const Array<float>& darkness, const Array<uint8_t>& clear,
+         const py::array_t<float>& texture, const py::array_t<float>& speckle,
+         const py::array_t<float>& gain, const py::array_t<float>& thin, float gain_lo,
+         float gain_span, float thin_threshold, float clear_factor, float rim_gain, float contrast,
+         const Array<float>& stain, const Array<float>& nuclear_jitter,
          const Array<float>& global_jitter, Array<uint8_t>& out) {
         const int64_t h = out.shape(0), w = out.shape(1);
-        const pysynth::Plane mx = plane(mix, h, w), tex = plane(texture, h, w), spk = plane(speckle, h, w),
-                             gn = plane(gain, h, w), th = plane(thin, h, w);
+        const pysynth::Plane mx = plane(mix, h, w), tex = plane(texture, h, w),
+                             spk = plane(speckle, h, w), gn = plane(gain, h, w),
+                             th = plane(thin, h, w);
         const float* pextra = extra ? extra->data() : nullptr;
         const uint8_t* pbg = background.data();
         const int32_t* plab = labels.data();
@@ -203,39 +209,52 @@ PYBIND11_MODULE(_core, m) {
         const float* pgj = global_jitter.data();
         uint8_t* pout = out.mutable_data();
         py::gil_scoped_release release;
-        pysynth::paint_nuclei(pbg, pextra, plab, pgrown, preg, psharp, psoft, mx, pdark, pclear, tex, spk, gn, th,
-                              thin_threshold, clear_factor, rim_gain, contrast, pstain, pnj, pgj, pout, h, w);
+        pysynth::paint_nuclei(pbg, pextra, plab, pgrown, preg, psharp, psoft, mx, pdark, pclear,
+                              tex, spk, gn, th, gain_lo, gain_span, thin_threshold, clear_factor,
+                              rim_gain, contrast, pstain, pnj, pgj, pout, h, w);
       },
-      py::arg("background").noconvert(), py::arg("extra").noconvert(), py::arg("labels").noconvert(),
-      py::arg("grown").noconvert(), py::arg("region").noconvert(), py::arg("sharp").noconvert(),
-      py::arg("soft").noconvert(), py::arg("mix").noconvert(), py::arg("darkness").noconvert(),
-      py::arg("clear").noconvert(), py::arg("texture").noconvert(), py::arg("speckle").noconvert(),
-      py::arg("gain").noconvert(), py::arg("thin").noconvert(), py::arg("thin_threshold"),
-      py::arg("clear_factor"), py::arg("rim_gain"), py::arg("contrast"), py::arg("stain").noconvert(),
-      py::arg("nuclear_jitter").noconvert(), py::arg("global_jitter").noconvert(), py::arg("out").noconvert(),
+      py::arg("background").noconvert(), py::arg("extra").noconvert(),
+      py::arg("labels").noconvert(), py::arg("grown").noconvert(), py::arg("region").noconvert(),
+      py::arg("sharp").noconvert(), py::arg("soft").noconvert(), py::arg("mix").noconvert(),
+      py::arg("darkness").noconvert(), py::arg("clear").noconvert(), py::arg("texture").noconvert(),
+      py::arg("speckle").noconvert(), py::arg("gain").noconvert(), py::arg("thin").noconvert(),
+      py::arg("gain_lo"), py::arg("gain_span"), py::arg("thin_threshold"), py::arg("clear_factor"),
+      py::arg("rim_gain"), py::arg("contrast"), py::arg("stain").noconvert(),
+      py::arg("nuclear_jitter").noconvert(), py::arg("global_jitter").noconvert(),
+      py::arg("out").noconvert(),
       "Paint nuclei into a background in one pass (see pysynth.synth.paint).");
 
   m.def(
       "draw_nuclei",
-      [](uint64_t seed, const Array<double>& centres, const Array<double>& radii, const Array<double>& jac,
-         int64_t vertices_min, int64_t vertices_max, double irregularity, double spike_lo, double spike_hi,
-         int64_t smooth_rounds, double max_overlap, int64_t min_area, int64_t max_accept, Array<int32_t>& labels,
-         Array<double>& stats) {
-        const int64_t h = labels.shape(0), w = labels.shape(1), k = radii.shape(0);
-        const pysynth::PolygonParams params{vertices_min, vertices_max, irregularity, spike_lo, spike_hi,
-                                            smooth_rounds};
-        const double* pc = centres.data();
-        const double* pr = radii.data();
-        const double* pj = jac.data();
+      [](uint64_t seed, int64_t k, const py::array_t<uint8_t>& tissue,
+         const Array<double>& homography, int64_t vertices_min, int64_t vertices_max,
+         double irregularity, double spike_lo, double spike_hi, int64_t smooth_rounds,
+         double radius_lo, double radius_hi, double size_factor, double margin, double max_overlap,
+         int64_t min_area, int64_t max_accept, Array<int32_t>& labels, Array<double>& stats) {
+        const int64_t h = labels.shape(0), w = labels.shape(1);
+        if (tissue.ndim() != 2 || tissue.shape(0) != h || tissue.shape(1) != w ||
+            tissue.strides(1) != 1) {
+          throw std::invalid_argument(
+              "draw_nuclei: tissue must be a uint8 (h, w) view with adjacent columns");
+        }
+        const pysynth::PolygonParams params{vertices_min, vertices_max,  irregularity, spike_lo,
+                                            spike_hi,     smooth_rounds, radius_lo,    radius_hi,
+                                            size_factor,  margin};
+        const uint8_t* pt = tissue.data();
+        const int64_t stride = tissue.strides(0);
+        const double* ph = homography.data();
         int32_t* plab = labels.mutable_data();
         double* pst = stats.mutable_data();
         py::gil_scoped_release release;
-        return pysynth::draw_nuclei(seed, pc, pr, pj, k, params, max_overlap, min_area, max_accept, plab, pst, h,
-                                    w);
+        return pysynth::draw_nuclei(seed, k, pt, stride, ph, params, max_overlap, min_area,
+                                    max_accept, plab, pst, h, w);
       },
-      py::arg("seed"), py::arg("centres").noconvert(), py::arg("radii").noconvert(), py::arg("jac").noconvert(),
-      py::arg("vertices_min"), py::arg("vertices_max"), py::arg("irregularity"), py::arg("spike_lo"),
-      py::arg("spike_hi"), py::arg("smooth_rounds"), py::arg("max_overlap"), py::arg("min_area"),
-      py::arg("max_accept"), py::arg("labels").noconvert(), py::arg("stats").noconvert(),
-      "Draw random polygon nuclei and place them in one pass (see pysynth.synth.place.draw_nuclei).");
+      py::arg("seed"), py::arg("k"), py::arg("tissue").noconvert(),
+      py::arg("homography").noconvert(), py::arg("vertices_min"), py::arg("vertices_max"),
+      py::arg("irregularity"), py::arg("spike_lo"), py::arg("spike_hi"), py::arg("smooth_rounds"),
+      py::arg("radius_lo"), py::arg("radius_hi"), py::arg("size_factor"), py::arg("margin"),
+      py::arg("max_overlap"), py::arg("min_area"), py::arg("max_accept"),
+      py::arg("labels").noconvert(), py::arg("stats").noconvert(),
+      "Draw random polygon nuclei and place them in one pass (see "
+      "pysynth.synth.place.draw_nuclei).");
 }

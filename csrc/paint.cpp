@@ -33,12 +33,13 @@ inline uint8_t to_u8(float od, const Tables& t) {
 
 }  // namespace
 
-void paint_nuclei(const uint8_t* background, const float* extra, const int32_t* labels, const uint16_t* grown,
-                  const uint8_t* region, const uint8_t* sharp, const uint8_t* soft, Plane mix,
-                  const float* darkness, const uint8_t* clear, Plane texture, Plane speckle, Plane gain,
-                  Plane thin, float thin_threshold, float clear_factor, float rim_gain, float contrast,
-                  const float* stain, const float* nuclear_jitter, const float* global_jitter, uint8_t* out,
-                  int64_t h, int64_t w) {
+void paint_nuclei(const uint8_t* background, const float* extra, const int32_t* labels,
+                  const uint16_t* grown, const uint8_t* region, const uint8_t* sharp,
+                  const uint8_t* soft, Plane mix, const float* darkness, const uint8_t* clear,
+                  Plane texture, Plane speckle, Plane gain, Plane thin, float gain_lo,
+                  float gain_span, float thin_threshold, float clear_factor, float rim_gain,
+                  float contrast, const float* stain, const float* nuclear_jitter,
+                  const float* global_jitter, uint8_t* out, int64_t h, int64_t w) {
   const Tables& t = tables();
   float nuc[3], glob[3];
   for (int c = 0; c < 3; ++c) {
@@ -75,7 +76,8 @@ void paint_nuclei(const uint8_t* background, const float* extra, const int32_t* 
       const float s0 = static_cast<float>(sharp[p]);
       const float a = (s0 + mx[j] * (static_cast<float>(soft[p]) - s0)) * (1.0f / 255.0f);
       if (l > 0 && a > 0.0f) {
-        float d = darkness[l] * gn[j] * (1.0f + contrast * (0.6f * tex[j] + 0.4f * spk[j]));
+        float d = darkness[l] * (gain_lo + gain_span * gn[j]) *
+                  (1.0f + contrast * (0.6f * tex[j] + 0.4f * spk[j]));
         const uint8_t r = region[p];
         if (r == 2 && clear[l] && th[j] < thin_threshold) d *= clear_factor;
         if (r == 1) d *= rim_gain;

@@ -101,18 +101,35 @@ def _prepare_one(args: tuple[str, np.ndarray, dict, str]) -> None:
     cv2.setNumThreads(1)
     s = prepare_source(rgb, SynthConfig.from_dict(config), name)
     buffer = io.BytesIO()
-    np.savez(buffer, rgb=s.rgb, background=s.background, tissue=s.tissue, stain=s.stain, darkness=s.darkness,
-             density=np.float64(s.density), median_area=np.float64(s.median_area))
+    np.savez(
+        buffer,
+        rgb=s.rgb,
+        background=s.background,
+        tissue=s.tissue,
+        stain=s.stain,
+        darkness=s.darkness,
+        density=np.float64(s.density),
+        median_area=np.float64(s.median_area),
+    )
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_sources(tiles: Sequence[tuple[str, np.ndarray]], config: SynthConfig, out_dir: Path, *, workers: int = 1,
-                 progress: Callable[[int], None] | None = None) -> None:
+def save_sources(
+    tiles: Sequence[tuple[str, np.ndarray]],
+    config: SynthConfig,
+    out_dir: Path,
+    *,
+    workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Prepare every tile for synthesis and save it under ``out_dir/sources`` (atomic; kept on resume)."""
     folder = out_dir / SOURCES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [(name, rgb, config.to_dict(), str(folder / f"{k:05d}.npz")) for k, (name, rgb) in enumerate(tiles)
-            if not (folder / f"{k:05d}.npz").exists()]
+    todo = [
+        (name, rgb, config.to_dict(), str(folder / f"{k:05d}.npz"))
+        for k, (name, rgb) in enumerate(tiles)
+        if not (folder / f"{k:05d}.npz").exists()
+    ]
     if workers > 1 and len(todo) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor

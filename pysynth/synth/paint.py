@@ -4,7 +4,7 @@ Per pixel, with optical densities ``OD = -ln((I + 1) / 256)``::
 
     l     = labels, or where 0, grown (labels dilated: a blurred edge takes its nucleus' density)
     alpha = (sharp + mix · (soft − sharp)) / 255     (the mask blurred at two widths, mixed by a smooth field)
-    d     = darkness[l] · gain · (1 + contrast · (0.6 · texture + 0.4 · speckle))
+    d     = darkness[l] · (gain_lo + gain_span · gain) · (1 + contrast · (0.6 · texture + 0.4 · speckle))
     d    *= clear_factor   on interior pixels (region 2) of clear-chromatin nuclei where thin < thin_threshold
     d    *= rim_gain       on rim pixels (region 1)
     OD    = (OD(background) + extra · stain + alpha · max(d, 0) · stain · nuclear_jitter) · global_jitter
@@ -53,6 +53,8 @@ def paint_nuclei(
     thin: np.ndarray,
     *,
     stain: np.ndarray,
+    gain_lo: float = 0.0,
+    gain_span: float = 1.0,
     contrast: float = 0.3,
     thin_threshold: float = 0.0,
     clear_factor: float = 0.35,
@@ -115,6 +117,8 @@ def paint_nuclei(
         darkness,
         clear,
         *planes[1:],
+        float(gain_lo),
+        float(gain_span),
         float(thin_threshold),
         float(clear_factor),
         float(rim_gain),
@@ -141,6 +145,8 @@ def paint_nuclei_reference(
     thin: np.ndarray,
     *,
     stain: np.ndarray,
+    gain_lo: float = 0.0,
+    gain_span: float = 1.0,
     contrast: float = 0.3,
     thin_threshold: float = 0.0,
     clear_factor: float = 0.35,

@@ -126,23 +126,26 @@ def _splitmix64(state: int) -> tuple[int, int]:
     return state, z ^ (z >> 31)
 
 
-def candidate_polygon_reference(
-    seed: int,
-    c: int,
+class _Stream:
+    """The per-candidate splitmix64 stream of :func:`draw_nuclei`, in Python."""
+
+    def __init__(self, seed: int, c: int) -> None:
+        self.state = (seed ^ ((c * 0xD1B54A32D192ED03) & _MASK64)) & _MASK64
+
+    def uniform(self) -> float:
+        self.state, z = _splitmix64(self.state)
+        return (z >> 11) * 2.0**-53
+
+
+def _polygon_reference(
+    stream: _Stream,
     radius: float,
     vertices: tuple[int, int],
     irregularity: float,
     spikiness: tuple[float, float],
     smooth_rounds: int,
 ) -> np.ndarray:
-    """The vertices (relative to the centre, before the warp) of candidate ``c``, as :func:`draw_nuclei` makes it."""
-    state = (seed ^ ((c * 0xD1B54A32D192ED03) & _MASK64)) & _MASK64
-
-    def uniform() -> float:
-        nonlocal state
-        state, z = _splitmix64(state)
-        return (z >> 11) * 2.0**-53
-
+    uniform = stream.uniform
     span = vertices[1] - vertices[0] + 1
     n = vertices[0] + min(span - 1, int(uniform() * span))
     step = 2 * np.pi / n
@@ -168,38 +171,68 @@ def candidate_polygon_reference(
     return poly
 
 
+def homography_jacobian(h: np.ndarray, x: float, y: float) -> np.ndarray:
+    """Jacobian ``(2, 2)`` of the perspective map ``h`` (3×3) at ``(x, y)``."""
+    den = h[2, 0] * x + h[2, 1] * y + h[2, 2]
+    u = (h[0, 0] * x + h[0, 1] * y + h[0, 2]) / den
+    v = (h[1, 0] * x + h[1, 1] * y + h[1, 2]) / den
+    return np.array(
+        [
+            [(h[0, 0] - u * h[2, 0]) / den, (h[0, 1] - u * h[2, 1]) / den],
+            [(h[1, 0] - v * h[2, 0]) / den, (h[1, 1] - v * h[2, 1]) / den],
+        ]
+    )
+
+
+_SHAPE_DEFAULTS = {
+    "vertices": (10, 17),
+    "irregularity": 1.0,
+    "spikiness": (0.04, 0.24),
+    "smooth_rounds": 2,
+    "radius": (8.5, 13.0),
+    "size_factor": 1.0,
+    "margin": 4.0,
+}
+
+
 def draw_nuclei(
     seed: int,
-    centres: np.ndarray,
-    radii: np.ndarray,
-    jac: np.ndarray,
-    shape_hw: tuple[int, int],
+    k: int,
+    tissue: np.ndarray,
+    homography: np.ndarray | None = None,
     *,
     vertices: tuple[int, int] = (10, 17),
     irregularity: float = 1.0,
     spikiness: tuple[float, float] = (0.04, 0.24),
     smooth_rounds: int = 2,
+    radius: tuple[float, float] = (8.5, 13.0),
+    size_factor: float = 1.0,
+    margin: float = 4.0,
     max_overlap: float = 0.15,
     min_area: int = 8,
     max_accept: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw random star-shaped polygons (method.md §2) around ``centres`` and place them as :func:`place_polygons`.
+    """Draw ``k`` random star-shaped candidate nuclei (method.md §2) and place them as :func:`place_polygons`.
 
-    Candidate ``c`` has ``N = U{vertices}`` vertices at angular steps ``U(2π/N ± irregularity·2π/N)``
-    renormalised to 2π, radii ``clip(Normal(r, spike·r), 0, 2r)`` with ``spike = U(spikiness)``, then
-    ``smooth_rounds`` of Chaikin corner cutting, the 2×2 map ``jac[c]`` and the move to ``centres[c]``. Its
-    random numbers come from a splitmix64 stream started at ``seed ^ (c · 0xD1B54A32D192ED03)``.
+    Candidate ``c`` takes, in order, from a splitmix64 stream started at ``seed ^ (c · 0xD1B54A32D192ED03)``: its
+    centre (uniform over the patch grown by ``margin``; a centre outside ``tissue`` ends the candidate), its mean
+    radius ``U(radius) · size_factor``, ``N = U{vertices}`` vertices at angular steps ``U(2π/N ± irregularity·2π/N)``
+    renormalised to 2π, a rotation, ``spike = U(spikiness)`` and per-vertex radii ``clip(Normal(r, spike·r), 0,
+    2r)``; then ``smooth_rounds`` of Chaikin corner cutting and the local Jacobian of ``homography`` at the centre
+    (a perspective warp of the whole patch: neighbours share a correlated change of shape and size).
 
     Args:
-        seed: 64-bit seed of the shapes.
-        centres: ``(K, 2)`` candidate centres ``(x, y)``.
-        radii: ``(K,)`` mean radii.
-        jac: ``(K, 2, 2)`` linear maps applied to each shape (the local Jacobian of the patch's warp).
-        shape_hw: Label map ``(height, width)``.
+        seed: 64-bit seed of the candidates.
+        k: Candidates to try.
+        tissue: Bool or uint8 ``(h, w)``: where centres may fall; also the label map's shape.
+        homography: 3×3 perspective map of the patch (identity if None).
         vertices: Vertex count range (inclusive, ≥ 3).
         irregularity: Angular irregularity in ``[0, 1]``.
         spikiness: Range of the radius spread.
         smooth_rounds: Chaikin rounds (0-4).
+        radius: Range of mean radii (px).
+        size_factor: Scale of radii.
+        margin: How far outside the patch centres may fall (px).
         max_overlap: As :func:`place_polygons`.
         min_area: As :func:`place_polygons`.
         max_accept: As :func:`place_polygons`.
@@ -208,35 +241,42 @@ def draw_nuclei(
         ``(labels, centres)`` as :func:`place_polygons`.
 
     Raises:
-        ValueError: For inconsistent shapes or out-of-range parameters.
+        ValueError: For out-of-range parameters.
     """
-    centres = np.ascontiguousarray(centres, dtype=np.float64).reshape(-1, 2)
-    k = len(centres)
-    radii = np.ascontiguousarray(radii, dtype=np.float64).reshape(-1)
-    jac = np.ascontiguousarray(jac, dtype=np.float64).reshape(-1, 2, 2)
-    if len(radii) != k or len(jac) != k:
-        raise ValueError(f"centres, radii and jac must agree in length, got {k}, {len(radii)}, {len(jac)}")
+    tissue = np.asarray(tissue)
+    if tissue.ndim != 2:
+        raise ValueError(f"tissue must be 2-D, got {tissue.shape}")
+    tissue = tissue.view(np.uint8) if tissue.dtype == np.bool_ else tissue.astype(np.uint8, copy=False)
+    if tissue.strides[1] != 1:
+        tissue = np.ascontiguousarray(tissue)
+    h3 = np.ascontiguousarray(np.eye(3) if homography is None else homography, dtype=np.float64).reshape(3, 3)
     if not (3 <= vertices[0] <= vertices[1]) or not 0 <= smooth_rounds <= 4 or not 0 <= irregularity <= 1:
         raise ValueError(
             f"bad polygon parameters: vertices={vertices}, smooth_rounds={smooth_rounds}, irregularity={irregularity}"
         )
     if not 0.0 <= max_overlap <= 1.0:
         raise ValueError(f"max_overlap must be in [0, 1], got {max_overlap}")
-    h, w = (int(v) for v in shape_hw)
+    if k < 0 or not radius[0] > 0 or size_factor <= 0:
+        raise ValueError(f"bad candidates: k={k}, radius={radius}, size_factor={size_factor}")
+    h, w = tissue.shape
     limit = k if max_accept is None else max(0, int(max_accept))
     labels = np.zeros((h, w), np.int32)
     stats = np.zeros((max(1, min(k, limit)), 3), np.float64)
     n = _core.draw_nuclei(
         int(seed) & _MASK64,
-        centres,
-        radii,
-        jac,
+        int(k),
+        tissue,
+        h3,
         int(vertices[0]),
         int(vertices[1]),
         float(irregularity),
         float(spikiness[0]),
         float(spikiness[1]),
         int(smooth_rounds),
+        float(radius[0]),
+        float(radius[1]),
+        float(size_factor),
+        float(margin),
         float(max_overlap),
         int(min_area),
         limit,
@@ -248,17 +288,27 @@ def draw_nuclei(
 
 
 def draw_nuclei_reference(
-    seed: int, centres: np.ndarray, radii: np.ndarray, jac: np.ndarray, shape_hw: tuple[int, int], **kw: object
+    seed: int, k: int, tissue: np.ndarray, homography: np.ndarray | None = None, **kw: object
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The specification of :func:`draw_nuclei`: every polygon made in Python, placed by the reference."""
-    shape_kw = {k: kw.pop(k) for k in ("vertices", "irregularity", "spikiness", "smooth_rounds") if k in kw}
-    shape_kw = {"vertices": (10, 17), "irregularity": 1.0, "spikiness": (0.04, 0.24), "smooth_rounds": 2} | shape_kw
+    """The specification of :func:`draw_nuclei`: every candidate made in Python, placed by the reference."""
+    shape_kw = _SHAPE_DEFAULTS | {key: kw.pop(key) for key in list(kw) if key in _SHAPE_DEFAULTS}
+    h3 = np.eye(3) if homography is None else np.asarray(homography, float)
+    tissue = np.asarray(tissue)
+    h, w = tissue.shape
+    margin = shape_kw["margin"]
     polys = []
-    for c, (centre, radius, m) in enumerate(
-        zip(np.asarray(centres, float), radii, np.asarray(jac, float), strict=True)
-    ):
-        local = candidate_polygon_reference(seed, c, float(radius), **shape_kw)
-        polys.append(local @ m.T + centre)
+    for c in range(k):
+        stream = _Stream(seed, c)
+        cx = -margin + stream.uniform() * (w + 2 * margin)
+        cy = -margin + stream.uniform() * (h + 2 * margin)
+        if not tissue[min(max(int(cy), 0), h - 1), min(max(int(cx), 0), w - 1)]:
+            continue
+        lo, hi = shape_kw["radius"]
+        r = (lo + stream.uniform() * (hi - lo)) * shape_kw["size_factor"]
+        local = _polygon_reference(
+            stream, r, shape_kw["vertices"], shape_kw["irregularity"], shape_kw["spikiness"], shape_kw["smooth_rounds"]
+        )
+        polys.append(local @ homography_jacobian(h3, cx, cy).T + np.array([cx, cy]))
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in polys])]).astype(np.int64)
     xy = np.concatenate(polys) if polys else np.zeros((0, 2))
-    return place_polygons_reference(xy, offsets, shape_hw, **kw)
+    return place_polygons_reference(xy, offsets, (h, w), **kw)

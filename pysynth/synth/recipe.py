@@ -24,7 +24,7 @@ from pysynth.synth.config import SynthConfig
 from pysynth.synth.source import SourceTile
 
 _BANK_SIDE = 1024
-_ERODE = np.ones((3, 3), np.uint8)
+_ERODE = np.ones((5, 5), np.uint8)
 _DILATE = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
 
 
@@ -94,29 +94,13 @@ def random_homography(rng: np.random.Generator, size: int, amount: float) -> np.
     return cv2.getPerspectiveTransform(src, dst).astype(np.float64)
 
 
-def homography_jacobians(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Jacobian ``(K, 2, 2)`` of the perspective map ``h`` at points ``(K, 2)``."""
-    x, y = xy[:, 0], xy[:, 1]
-    den = h[2, 0] * x + h[2, 1] * y + h[2, 2]
-    u = (h[0, 0] * x + h[0, 1] * y + h[0, 2]) / den
-    v = (h[1, 0] * x + h[1, 1] * y + h[1, 2]) / den
-    jac = np.empty((len(xy), 2, 2))
-    jac[:, 0, 0] = (h[0, 0] - u * h[2, 0]) / den
-    jac[:, 0, 1] = (h[0, 1] - u * h[2, 1]) / den
-    jac[:, 1, 0] = (h[1, 0] - v * h[2, 0]) / den
-    jac[:, 1, 1] = (h[1, 1] - v * h[2, 1]) / den
-    return jac
-
-
 def draw_patch_nuclei(
     rng: np.random.Generator, tissue: np.ndarray, config: SynthConfig, count: int, size_factor: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``count`` polygon nuclei centred in tissue, each overlapping earlier ones by ≤ ``max_overlap``.
 
-    Candidate centres (up to 4 per wanted nucleus, capped by ``redraws``) fall in tissue; the C++ kernel
-    (:func:`pysynth.synth.place.draw_nuclei`) draws their shapes and places them in order. One random perspective
-    warp of the patch deforms every nucleus through its local Jacobian, so neighbours share a correlated,
-    anisotropic change of shape and size.
+    Up to 4 candidates per wanted nucleus (capped by ``redraws``), drawn and placed in order by the C++ kernel
+    (:func:`pysynth.synth.place.draw_nuclei`) under one random perspective warp of the patch.
 
     Returns:
         ``(labels, centres)``: int32 ``(S, S)`` labels 1..n and float32 ``(n, 2)`` centres ``(x, y)``.
@@ -126,22 +110,17 @@ def draw_patch_nuclei(
     size = tissue.shape[0]
     if count == 0:
         return np.zeros((size, size), np.int32), np.zeros((0, 2), np.float32)
-    k = min(count * min(config.redraws, 4) + 8, 4096)
-    centres = rng.uniform(-4, size + 4, (k, 2))
-    ix = np.clip(centres.astype(np.int64), 0, size - 1)
-    centres = centres[tissue[ix[:, 1], ix[:, 0]]]
-    radii = rng.uniform(*config.radius, len(centres)) * size_factor
-    jac = homography_jacobians(random_homography(rng, size, config.warp), centres)
     return draw_nuclei(
         int(rng.integers(0, 2**63)),
-        centres,
-        radii,
-        jac,
-        (size, size),
+        min(count * min(config.redraws, 4) + 8, 4096),
+        tissue,
+        random_homography(rng, size, config.warp),
         vertices=config.vertices,
         irregularity=config.irregularity,
         spikiness=config.spikiness,
         smooth_rounds=config.smooth_polygons,
+        radius=config.radius,
+        size_factor=size_factor,
         max_overlap=config.max_overlap,
         max_accept=count,
     )
@@ -152,14 +131,15 @@ def nucleus_count_and_size(rng: np.random.Generator, source: SourceTile, config:
     count_mean, count_sd = config.count_per_400
     size_mean, size_sd, size_lo, size_hi = config.size_factor
     if config.adapt_density:
-        count_mean *= float(np.clip(source.density / config.reference_density, *config.density_clip))
+        lo, hi = config.density_clip
+        count_mean *= min(hi, max(lo, source.density / config.reference_density))
         if source.median_area > 0:
-            size_mean *= float(np.clip(np.sqrt(source.median_area / 420.0), 0.75, 1.35))
+            size_mean *= min(1.35, max(0.75, (source.median_area / 420.0) ** 0.5))
     scale_area = (config.size / 400.0) ** 2
     count = 0
     if rng.random() >= config.empty_fraction:
-        count = int(np.clip(rng.normal(count_mean, count_sd), 0, config.max_count_per_400) * scale_area + 0.5)
-    return count, float(np.clip(rng.normal(size_mean, size_sd), size_lo, size_hi))
+        count = int(min(config.max_count_per_400, max(0.0, rng.normal(count_mean, count_sd))) * scale_area + 0.5)
+    return count, min(size_hi, max(size_lo, rng.normal(size_mean, size_sd)))
 
 
 def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: SynthConfig) -> SynthPatch:
@@ -187,16 +167,15 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
     n = len(centres)
 
     labels16 = labels.astype(np.uint16)
-    fg = np.minimum(labels16, 1).astype(np.uint8)
-    region = fg + cv2.erode(fg, _ERODE, iterations=2)  # 1 rim, 2 interior
-    fg *= 255
+    fg = np.not_equal(labels16, 0).view(np.uint8)
+    region = fg + cv2.erode(fg, _ERODE)  # 1 rim, 2 interior (2 px from the edge)
+    fg = fg * np.uint8(255)
     sharp = blur_mask(fg, config.blur_sigma[0])
     soft = blur_mask(fg, config.blur_sigma[1])
-    darkness = rng.choice(source.darkness, n + 1).astype(np.float32)
+    darkness = source.darkness[rng.integers(0, len(source.darkness), n + 1)].astype(np.float32)
     darkness *= rng.uniform(1 - config.darkness_jitter, 1 + config.darkness_jitter, n + 1).astype(np.float32)
     np.maximum(darkness, np.float32(config.min_darkness), out=darkness)
     jitter = rng.uniform(1 - config.colour_jitter, 1 + config.colour_jitter, 6)
-    g_lo, g_hi = config.gain_range
     image = paint_nuclei(
         source.background[py : py + s, px : px + s],
         labels,
@@ -209,9 +188,11 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
         rng.random(n + 1) < config.clear_chromatin,
         source.texture[ty : ty + s, tx : tx + s],
         _crop(rng, noise_bank(), s),
-        g_lo + (g_hi - g_lo) * _crop(rng, smooth_bank(), s),
+        _crop(rng, smooth_bank(), s),
         source.texture[qy : qy + s, qx : qx + s],
         stain=source.stain,
+        gain_lo=config.gain_range[0],
+        gain_span=config.gain_range[1] - config.gain_range[0],
         contrast=rng.uniform(*config.texture_contrast),
         thin_threshold=NormalDist().inv_cdf(rng.uniform(0.3, 0.7)),
         clear_factor=rng.uniform(0.2, 0.5),
