@@ -109,9 +109,84 @@ def run(quick: bool = False) -> list[tuple[Timing, Timing]]:
                 lambda a=nuclei, b=tissue, m=coverage, s=sharpness: composite_nuclei_reference(a, b, m, s),
             ),
         ]
+        cases += _placement_and_paint_cases(size, xy, offsets, polys, tissue, rng)
         for name, ours, library in cases:
             pairs.append((measure(name, ours, **opts), measure(name + " [library]", library, **opts)))
     return pairs
+
+
+def _placement_and_paint_cases(
+    size: int,
+    xy: np.ndarray,
+    offsets: np.ndarray,
+    polys: list[np.ndarray],
+    tissue: np.ndarray,
+    rng: np.random.Generator,
+) -> list:
+    """Nucleus placement (C++ vs cv2.fillPoly + NumPy overlap test) and painting (C++ vs its NumPy formula)."""
+    from pysynth.synth.paint import paint_nuclei, paint_nuclei_reference
+    from pysynth.synth.place import place_polygons
+
+    def cv2_place() -> np.ndarray:
+        labels = np.zeros((size, size), np.int32)
+        n = 0
+        for poly in polys:  # each polygon drawn in its bounding box only
+            x0, y0 = np.maximum(np.floor(poly.min(axis=0)).astype(int), 0)
+            x1, y1 = np.minimum(np.ceil(poly.max(axis=0)).astype(int) + 1, size)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            window = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            shifted = np.round((poly - 0.5 - [x0, y0]) * 16).astype(np.int32)
+            cv2.fillPoly(window, [shifted], 1, shift=4)
+            inside = window.astype(bool)
+            area = int(inside.sum())
+            existing = labels[y0:y1, x0:x1]
+            if area < 8 or np.count_nonzero(existing[inside]) > 0.15 * area:
+                continue
+            n += 1
+            existing[inside & (existing == 0)] = n
+        return labels
+
+    labels, _ = place_polygons(xy.astype(np.float64), offsets, (size, size))
+    n = int(labels.max())
+    grown = cv2.dilate(labels.astype(np.uint16), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    fg = (labels > 0).astype(np.uint8)
+    region = fg + cv2.erode(fg, np.ones((5, 5), np.uint8))
+    sharp = cv2.GaussianBlur(fg * 255, (3, 3), 0.4)
+    soft = cv2.blur(cv2.blur(fg * 255, (3, 3)), (5, 5))
+
+    def field() -> np.ndarray:
+        return rng.standard_normal((size, size)).astype(np.float32)
+
+    args = (
+        tissue,
+        labels,
+        grown,
+        region,
+        sharp,
+        soft,
+        rng.random((size, size)).astype(np.float32),
+        rng.uniform(0.2, 1.5, n + 1).astype(np.float32),
+        rng.random(n + 1) < 0.3,
+        field(),
+        field(),
+        rng.random((size, size)).astype(np.float32),
+        field(),
+    )
+    kw = {"stain": np.array([0.6, 0.7, 0.35], np.float32), "gain_lo": 0.67, "gain_span": 0.66}
+    px = f"{size}x{size}"
+    return [
+        (
+            f"place_polygons {px} ({len(polys)} candidates) vs cv2.fillPoly + NumPy overlap test",
+            lambda: place_polygons(xy.astype(np.float64), offsets, (size, size)),
+            cv2_place,
+        ),
+        (
+            f"paint_nuclei {px} vs the same formula in NumPy",
+            lambda: paint_nuclei(*args, **kw),
+            lambda: paint_nuclei_reference(*args, **kw),
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

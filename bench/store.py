@@ -220,6 +220,33 @@ def bench_size(size: int, n: int, n_png: int, work: Path, repeats: int) -> list[
     return rows
 
 
+def run(quick: bool) -> list:
+    """The ``pysynth bench`` section: store writing and random reading next to one PNG pair per item."""
+    repeats = 2 if quick else 3
+    rows: list = []
+    work = Path(tempfile.mkdtemp(prefix="pysynth-bench-store-"))
+    try:
+        for size, n, n_png in ((200, 8192, 512), (400, 2048, 128)):
+            if quick:
+                n, n_png = n // 16, n_png // 8
+            results = bench_size(size, n, n_png, work, repeats)
+            named = {t.name: (t, kb) for t, kb in results}
+            png_write = named[f"PNG pair write {size}px (cv2)"][0]
+            png_read = named[f"PNG pair random read {size}px (cv2)"][0]
+            for t, kb in results:
+                if np.isnan(kb):
+                    continue
+                t.extra["kB_per_item"] = round(kb / 1e3, 1)
+                if t.name.startswith("store write"):
+                    t.extra["baseline"] = png_write.name
+                elif t.name.startswith("store random read"):
+                    t.extra["baseline"] = png_read.name
+                rows.append(t)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the cases and print the table (and write JSON with ``--json``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -83,3 +83,26 @@ def run_cli(capsys: pytest.CaptureFixture[str]):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """``small_disk("160k")``: a size-limited tmpfs folder (needs root and mount; skipped elsewhere)."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            pytest.skip("mounting a size-limited tmpfs needs root")
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(point)
+        return point
+
+    yield make
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=False)

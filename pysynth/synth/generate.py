@@ -166,7 +166,7 @@ def load_sources(dataset_dir: str | Path) -> list[SourceTile]:
                     super_mask=np.zeros(0, bool),
                     stain=z["stain"],
                     darkness=z["darkness"],
-                    texture=eosin_texture(rgb),
+                    texture=z["texture"] if "texture" in z.files else eosin_texture(rgb),
                     density=float(z["density"]),
                     median_area=float(z["median_area"]),
                 )

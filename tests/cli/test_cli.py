@@ -193,21 +193,8 @@ def test_full_disk_leaves_nothing_half_written(sample_slide: Path, tmp_path: Pat
     ]  # the state file, then one patch, then the failure
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 160 KiB tmpfs (needs root and mount; skipped elsewhere)."""
-    mount_point = tmp_path / "small_disk"
-    mount_point.mkdir()
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount_point)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=False)
-
-
-def test_real_full_disk(run_cli, sample_slide: Path, small_disk: Path) -> None:
+def test_real_full_disk(run_cli, sample_slide: Path, small_disk) -> None:
+    small_disk = small_disk("160k")
     result = run_cli("sample", sample_slide, "--out", small_disk / "out", "--n-per-slide", 40, "--size", 200)
     assert result.code == 1
     assert "No space left on device" in result.err

@@ -145,3 +145,13 @@ def test_draw_nuclei_follows_tissue_and_size() -> None:
     assert (centres[:, 0] < 30 + 8).all()  # centres in tissue, shapes reach at most a radius beyond
     areas = np.bincount(labels.ravel())[1:]
     assert np.median(areas) == pytest.approx(np.pi * 5.5**2, rel=0.35)
+
+
+def test_kernels_release_the_gil(assert_releases_gil) -> None:
+    from pysynth.synth.place import draw_nuclei
+
+    rng = np.random.default_rng(0)
+    big = np.ones((2000, 2000), bool)
+    assert_releases_gil(lambda: draw_nuclei(3, 20000, big, radius=(8.0, 13.0)))
+    args, kw = _paint_inputs(rng, 1500, 1500)
+    assert_releases_gil(lambda: paint_nuclei(*args, **kw, check_labels=False))

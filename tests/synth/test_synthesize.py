@@ -170,3 +170,34 @@ def test_other_settings_are_refused(run_cli, real_png: Path, tmp_path: Path) -> 
     )
     assert other.code == 1
     assert "other" in other.error_lines()[0] or "overwrite" in other.error_lines()[0]
+
+
+def test_full_disk_keeps_nothing_half_written(run_cli, real_png: Path, tmp_path: Path, small_disk) -> None:
+    import shutil
+
+    disk = small_disk("6m")  # the prepared source fits, the shards do not
+    args = [
+        "synthesize",
+        "--source",
+        real_png,
+        "--input-mpp",
+        "0.25",
+        "--n",
+        400,
+        "--size",
+        96,
+        "--shard-size",
+        16,
+        "--seed",
+        3,
+    ]
+    full = run_cli(*args, "--out", disk / "ds")
+    assert full.code == 1
+    assert "No space left on device" in full.error_lines()[0]
+    assert "Traceback" not in full.err
+    assert not [p for p in (disk / "ds").rglob("*") if ".tmp" in p.name or p.name.endswith(".part")]
+    # What it left is either whole or redone: finishing elsewhere gives the same bytes as a clean run.
+    shutil.copytree(disk / "ds", tmp_path / "resumed")
+    assert run_cli(*args, "--out", tmp_path / "resumed").code == 0
+    assert run_cli(*args, "--out", tmp_path / "clean").code == 0
+    assert _shards(tmp_path / "resumed") == _shards(tmp_path / "clean")
