@@ -107,6 +107,46 @@ def _timing(name: str, samples: list[float], items: float, extra: dict | None = 
     return Timing(name, statistics.median(samples), q[0], q[2], len(samples), items, "patch", extra or {})
 
 
+def _synthesis_worker(args: tuple[str, dict, float, int, int]) -> float:
+    """In a worker process: make ``n`` patches after a common start time; returns the seconds they took."""
+    from pysynth.synth.generate import SynthMaker
+
+    data, config, start_at, n, worker = args
+    cv2.setNumThreads(1)
+    maker = SynthMaker(data, config, SEED)
+    for i in range(20):  # loads the sources, warms caches
+        maker(10_000_000 + i)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    start = time.perf_counter()
+    for i in range(n):
+        maker(worker * n + i)
+    return time.perf_counter() - start
+
+
+def _cpu_scaling(data: Path, config_dict: dict, quick: bool) -> list[Timing]:
+    """Patches/s of synthesis alone (no writing) in 1 and in 2 processes started together: CPU scaling."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n, repeats = (32, 1) if quick else (800, 3)
+    samples: dict[int, list[float]] = {1: [], 2: []}
+    context = multiprocessing.get_context("spawn")
+    for _ in range(repeats):
+        for procs in samples:
+            with ProcessPoolExecutor(procs, mp_context=context) as pool:
+                start_at = time.time() + 6.0  # after spawn, imports and source loading
+                seconds = list(
+                    pool.map(_synthesis_worker, [(str(data), config_dict, start_at, n, w) for w in range(procs)])
+                )
+            samples[procs].append(max(seconds) / (procs * n))  # wall seconds per patch, all processes together
+    one = _timing("synthesize_patch 200x200, 1 process (no writing)", samples[1], 1.0, {"processes": 1})
+    two = _timing(
+        "synthesize_patch 200x200, 2 processes (no writing)", samples[2], 1.0, {"processes": 2, "baseline": one.name}
+    )
+    return [one, two]
+
+
 def _scaling(tiles: list[np.ndarray], quick: bool) -> list[Timing]:
     """Items/s of ``write_dataset`` with 1 and 2 workers at 200 × 200, interleaved repeats in fresh folders."""
     from pysynth.synth.config import SynthConfig
@@ -129,11 +169,12 @@ def _scaling(tiles: list[np.ndarray], quick: bool) -> list[Timing]:
                 samples[workers].append(time.perf_counter() - start)
                 busy[workers].append((_cpu_seconds() - cpu_before) / samples[workers][-1])
                 shutil.rmtree(out)
+        cpu = _cpu_scaling(data, config.to_dict(), quick)
     name = f"write_dataset 200x200 n={n} shard={shard_size}"
     one = _timing(f"{name} workers=1", samples[1], n, {"workers": 1, "cpus_busy": statistics.median(busy[1])})
     extra = {"workers": 2, "baseline": one.name, "cpus_busy": statistics.median(busy[2])}
     two = _timing(f"{name} workers=2", samples[2], n, extra)
-    return [one, two]
+    return [*cpu, one, two]
 
 
 def run(quick: bool = False) -> list[Timing | dict]:
@@ -189,6 +230,7 @@ def run(quick: bool = False) -> list[Timing | dict]:
             "cpu": topology,
             "load_average_1min": {"before": load_before, "after": _load_average()},
             "scaling_speedup_2_workers": round(two.rate / one.rate, 3),
+            "cpu_scaling_speedup_2_processes": round(rows[-3].rate / rows[-4].rate, 3),
             "scaling_cpus_busy": f"{one.extra['cpus_busy']:.2f} (1 worker), {two.extra['cpus_busy']:.2f} (2 workers)"
             " CPU s per wall s; below 2 with 2 workers means the cores were shared with other work",
             "scaling_note": (
