@@ -43,6 +43,14 @@ from pysynth.cli._options import input_mpp_option, out_option, seed_option, setu
     help="Patches per shard file.",
 )
 @click.option("--preview", is_flag=True, help="Also write preview.png: synthetic patches with outlines, beside real.")
+@click.option(
+    "--export-png",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="K",
+    show_default=True,
+    help="Also write K patches, spread over the dataset, as PNGs (image, 16-bit labels, overlay) in DIR/png.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a dataset in --out made with other settings.")
 def synthesize_command(
     sources: tuple[str, ...],
@@ -55,6 +63,7 @@ def synthesize_command(
     config_file: str | None,
     shard_size: int,
     preview: bool,
+    export_png: int,
     overwrite: bool,
 ) -> int:
     """Paint random polygon nuclei into real tissue texture: N patches with instance labels and centres.
@@ -103,4 +112,15 @@ def synthesize_command(
     click.echo(f"{report.items} synthetic patches of {size} px -> {out} ({report.written} shard(s) written{kept})")
     if preview:
         click.echo(f"preview: {write_preview(out)}")
+    if export_png:
+        import numpy as np
+
+        from pysynth.synth.store import SynthDataset
+        from pysynth.synth.store import export_png as export
+
+        ds = SynthDataset(out)
+        picks = np.unique(np.linspace(0, len(ds) - 1, min(export_png, len(ds))).astype(int))
+        (out / "png").mkdir(exist_ok=True)
+        export(ds, out / "png", picks.tolist())
+        click.echo(f"png: {len(picks)} patches -> {out / 'png'}")
     return 0

@@ -48,8 +48,12 @@ def _synth(run_cli, real: Path, out: Path, *extra: object):
 
 
 def test_dataset_is_identical_for_any_workers_and_reads_back(run_cli, real_png: Path, tmp_path: Path) -> None:
-    one = _synth(run_cli, real_png, tmp_path / "one", "--workers", 1, "--preview")
+    one = _synth(run_cli, real_png, tmp_path / "one", "--workers", 1, "--preview", "--export-png", 3)
     assert one.code == 0, one.err
+    exported = sorted(p.name for p in (tmp_path / "one" / "png").glob("*.png"))
+    assert len(exported) == 9  # image, labels, overlay for 3 patches
+    labels_png = cv2.imread(str(next((tmp_path / "one" / "png").glob("*_labels.png"))), cv2.IMREAD_UNCHANGED)
+    assert labels_png.dtype == np.uint16
     assert "40 synthetic patches of 96 px" in one.out
     two = _synth(run_cli, real_png, tmp_path / "two", "--workers", 2)
     assert two.code == 0, two.err
