@@ -205,3 +205,17 @@ def test_full_disk_keeps_nothing_half_written(run_cli, real_png: Path, tmp_path:
     assert run_cli(*args, "--out", tmp_path / "resumed").code == 0
     assert run_cli(*args, "--out", tmp_path / "clean").code == 0
     assert _shards(tmp_path / "resumed") == _shards(tmp_path / "clean")
+
+
+def test_slides_are_sampled_on_the_fly(run_cli, sample_slide: Path, tmp_path: Path) -> None:
+    """A whole slide as source: tissue tiles are read at 0.25 µm/px (20x upsampled) and prepared."""
+    result = run_cli("synthesize", "--source", sample_slide, "--n", 8, "--size", 128, "--out", tmp_path / "ds")
+    assert result.code == 0, result.err
+    names = json.loads((tmp_path / "ds" / "sources" / "sources.json").read_text())["names"]
+    assert len(names) == 8
+    assert all(name.startswith("CMU-1-Small-Region.svs#") for name in names)
+    from pysynth.synth.generate import load_sources
+
+    tiles = load_sources(tmp_path / "ds")
+    assert all(t.rgb.shape == (1024, 1024, 3) for t in tiles)
+    assert all(t.tissue.mean() > 0.4 for t in tiles)  # placed on tissue (≥ 50% by the slide's mask)
