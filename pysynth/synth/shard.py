@@ -156,6 +156,8 @@ class ShardWriter:
         """
         try:
             os.fsync(self._handle.fileno())
+            if hasattr(os, "posix_fadvise"):  # written and durable: drop it from the page cache
+                os.posix_fadvise(self._handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             self._handle.close()
             self.temp_path.replace(self.path)
         except BaseException:
