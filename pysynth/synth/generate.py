@@ -9,6 +9,7 @@ in disk space (half of every item would otherwise be a second image).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ import numpy as np
 from pysynth.errors import PysynthError, SlideError
 from pysynth.fsutil import atomic_write_bytes, atomic_write_text
 from pysynth.synth.config import SynthConfig
-from pysynth.synth.source import HED_FROM_RGB, SourceTile, optical_density, prepare_source
+from pysynth.synth.source import SourceTile, optical_density, prepare_source
 
 log = logging.getLogger("pysynth")
 
@@ -96,8 +97,6 @@ def collect_real_tiles(
 
 def _prepare_one(args: tuple[str, np.ndarray, dict, str]) -> None:
     name, rgb, config, path = args
-    import io
-
     cv2.setNumThreads(1)
     s = prepare_source(rgb, SynthConfig.from_dict(config), name)
     buffer = io.BytesIO()
@@ -108,6 +107,7 @@ def _prepare_one(args: tuple[str, np.ndarray, dict, str]) -> None:
         tissue=s.tissue,
         stain=s.stain,
         darkness=s.darkness,
+        texture=s.texture,
         density=np.float64(s.density),
         median_area=np.float64(s.median_area),
     )
@@ -166,19 +166,12 @@ def load_sources(dataset_dir: str | Path) -> list[SourceTile]:
                     super_mask=np.zeros(0, bool),
                     stain=z["stain"],
                     darkness=z["darkness"],
-                    texture=z["texture"] if "texture" in z.files else eosin_texture(rgb),
+                    texture=z["texture"],
                     density=float(z["density"]),
                     median_area=float(z["median_area"]),
                 )
             )
     return tiles
-
-
-def eosin_texture(rgb: np.ndarray) -> np.ndarray:
-    """Zero-mean, unit-sd high-pass of the eosin channel (chromatin texture source)."""
-    eosin = optical_density(rgb) @ HED_FROM_RGB[:, 1].astype(np.float32)
-    high = eosin - cv2.GaussianBlur(eosin, (0, 0), 4.0)
-    return (high / (high.std() + 1e-6)).astype(np.float32)
 
 
 def synth_schema(size: int):
@@ -247,15 +240,19 @@ class SyntheticPatches:
         self.path = Path(path)
         self.items = SynthDataset(self.path)
         self._rgb: list[np.ndarray] | None = None
-        self.size = int(self.items.schema.fields["image"].shape[0]) if hasattr(self.items, "schema") else None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
-        if self._rgb is None:
-            self._rgb = [s.rgb for s in load_sources(self.path)]
+        if self._rgb is None:  # only the real tiles are needed here, not their prepared maps
+            folder = self.path / SOURCES_DIR
+            count = len(json.loads((folder / "sources.json").read_text())["names"])
+            self._rgb = []
+            for k in range(count):
+                with np.load(folder / f"{k:05d}.npz") as z:
+                    self._rgb.append(z["rgb"])
         s = item["image"].shape[0]
         rx, ry = int(item["xy"][2]), int(item["xy"][3])
         item["reference"] = self._rgb[int(item["meta"]["source"])][ry : ry + s, rx : rx + s]
