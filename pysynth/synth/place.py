@@ -106,11 +106,13 @@ def _inside(poly: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
     ys = np.arange(h)[:, None] + 0.5
     xs = np.arange(w)[None, :] + 0.5
     inside = np.zeros((h, w), bool)
-    for (x0, y0), (x1, y1) in zip(poly, np.roll(poly, -1, axis=0), strict=True):
-        if y0 == y1:
+    for (xa, ya), (xb, yb) in zip(poly, np.roll(poly, -1, axis=0), strict=True):
+        if ya == yb:
             continue
-        crosses = ((y0 <= ys) & (ys < y1)) | ((y1 <= ys) & (ys < y0))
-        x_at = x0 + (ys - y0) * (x1 - x0) / (y1 - y0)
+        if ya > yb:
+            xa, ya, xb, yb = xb, yb, xa, ya
+        crosses = (ya <= ys) & (ys < yb)
+        x_at = xa + (ys - ya) * ((xb - xa) / (yb - ya))  # the kernel's arithmetic, to the last bit
         inside ^= crosses & (xs >= x_at)
     return inside
 
