@@ -175,7 +175,22 @@ def _placement_and_paint_cases(
     )
     kw = {"stain": np.array([0.6, 0.7, 0.35], np.float32), "gain_lo": 0.67, "gain_span": 0.66}
     px = f"{size}x{size}"
+    from skimage.segmentation import watershed as skimage_watershed
+
+    from pysynth.instances import watershed
+
+    seg = cv2.GaussianBlur((labels > 0).astype(np.float32), (0, 0), 1.5)
+    markers = np.zeros((size, size), np.int32)
+    for k, (y, x) in enumerate(rng.integers(0, size, (max(1, n), 2)), start=1):
+        markers[y, x] = k
+    foreground = seg > 0.33
+    elevation = -seg
     return [
+        (
+            f"watershed {px} (instances of {n} nuclei) vs skimage.segmentation.watershed",
+            lambda: watershed(elevation, markers, foreground),
+            lambda: skimage_watershed(elevation, markers, mask=foreground),
+        ),
         (
             f"place_polygons {px} ({len(polys)} candidates) vs cv2.fillPoly + NumPy overlap test",
             lambda: place_polygons(xy.astype(np.float64), offsets, (size, size)),

@@ -20,6 +20,7 @@
 #include "paint.hpp"
 #include "place.hpp"
 #include "raster.hpp"
+#include "watershed.hpp"
 
 namespace py = pybind11;
 
@@ -257,4 +258,18 @@ PYBIND11_MODULE(_core, m) {
       py::arg("labels").noconvert(), py::arg("stats").noconvert(),
       "Draw random polygon nuclei and place them in one pass (see "
       "pysynth.synth.place.draw_nuclei).");
+
+  m.def(
+      "watershed",
+      [](const Array<float>& elevation, const Array<uint8_t>& mask, Array<int32_t>& labels,
+         int connectivity) {
+        const int64_t h = labels.shape(0), w = labels.shape(1);
+        const float* pe = elevation.data();
+        const uint8_t* pm = mask.data();
+        int32_t* pl = labels.mutable_data();
+        py::gil_scoped_release release;
+        pysynth::watershed(pe, pm, pl, h, w, connectivity);
+      },
+      py::arg("elevation").noconvert(), py::arg("mask").noconvert(), py::arg("labels").noconvert(),
+      py::arg("connectivity"), "Marker-controlled watershed in place (see pysynth.instances).");
 }

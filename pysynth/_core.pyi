@@ -96,3 +96,9 @@ def draw_nuclei(
     labels: npt.NDArray[np.int32],
     stats: npt.NDArray[np.float64],
 ) -> int: ...
+def watershed(
+    elevation: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    labels: npt.NDArray[np.int32],
+    connectivity: int,
+) -> None: ...
