@@ -177,7 +177,7 @@ def _placement_and_paint_cases(
     px = f"{size}x{size}"
     from skimage.segmentation import watershed as skimage_watershed
 
-    from pysynth.instances import watershed
+    from pysynth.instances import trace_contours, watershed
 
     seg = cv2.GaussianBlur((labels > 0).astype(np.float32), (0, 0), 1.5)
     markers = np.zeros((size, size), np.int32)
@@ -185,7 +185,22 @@ def _placement_and_paint_cases(
         markers[y, x] = k
     foreground = seg > 0.33
     elevation = -seg
+    from scipy.ndimage import find_objects
+
+    def cv2_contours() -> list:
+        out = []
+        for k, box in enumerate(find_objects(labels), start=1):  # each nucleus in its bounding box
+            if box is not None:
+                window = (labels[box] == k).astype(np.uint8)
+                out.append(cv2.findContours(window, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0])
+        return out
+
     return [
+        (
+            f"trace_contours {px} ({n} nuclei) vs cv2.findContours per nucleus",
+            lambda: trace_contours(labels),
+            cv2_contours,
+        ),
         (
             f"watershed {px} (instances of {n} nuclei) vs skimage.segmentation.watershed",
             lambda: watershed(elevation, markers, foreground),

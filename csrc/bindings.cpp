@@ -8,12 +8,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
 
 #include "build_info.hpp"
 #include "composite.hpp"
+#include "contours.hpp"
 #include "deconv.hpp"
 #include "inpaint.hpp"
 #include "nuclei.hpp"
@@ -272,4 +274,26 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("elevation").noconvert(), py::arg("mask").noconvert(), py::arg("labels").noconvert(),
       py::arg("connectivity"), "Marker-controlled watershed in place (see pysynth.instances).");
+
+  m.def(
+      "trace_contours",
+      [](const Array<int32_t>& labels, int32_t n_labels) {
+        const int64_t h = labels.shape(0), w = labels.shape(1);
+        std::vector<int32_t> xy;
+        std::vector<int64_t> offsets;
+        {
+          const int32_t* pl = labels.data();
+          py::gil_scoped_release release;
+          pysynth::trace_contours(pl, h, w, n_labels, xy, offsets);
+        }
+        py::array_t<int32_t> xy_out(
+            {static_cast<py::ssize_t>(xy.size() / 2), static_cast<py::ssize_t>(2)});
+        std::copy(xy.begin(), xy.end(), xy_out.mutable_data());
+        py::array_t<int64_t> off_out(static_cast<py::ssize_t>(offsets.size()));
+        std::copy(offsets.begin(), offsets.end(), off_out.mutable_data());
+        return py::make_tuple(xy_out, off_out);
+      },
+      py::arg("labels").noconvert(), py::arg("n_labels"),
+      "Outer boundary of each label as a polygon along pixel edges (see "
+      "pysynth.instances.trace_contours).");
 }

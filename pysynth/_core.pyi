@@ -102,3 +102,6 @@ def watershed(
     labels: npt.NDArray[np.int32],
     connectivity: int,
 ) -> None: ...
+def trace_contours(
+    labels: npt.NDArray[np.int32], n_labels: int
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]: ...

@@ -98,3 +98,46 @@ def test_instance_config_is_validated() -> None:
         InstanceConfig(connectivity=6)
     with pytest.raises(ValueError, match="one shape"):
         instances_from_maps(np.zeros((3, 3)), np.zeros((3, 4)))
+
+
+def _shoelace(poly: np.ndarray) -> float:
+    x, y = poly[:, 0].astype(float), poly[:, 1].astype(float)
+    return 0.5 * (np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.integers(1, 40), n=st.integers(1, 10))
+def test_contours_match_reference_and_enclose_each_instance(seed: int, size: int, n: int) -> None:
+    from pysynth.instances import trace_contours, trace_contours_reference
+
+    elevation, markers, mask = _problem(seed, size, n)
+    labels = watershed(elevation, markers, mask)
+    fast, slow = trace_contours(labels), trace_contours_reference(labels)
+    assert len(fast) == len(slow) == labels.max()
+    for k, (a, b) in enumerate(zip(fast, slow, strict=True), start=1):
+        np.testing.assert_array_equal(a, b)
+        if not (labels == k).any():
+            assert len(a) == 0
+            continue
+        # Clockwise on screen with y down: positive shoelace area, covering the component's pixels.
+        n_components, parts = cv2.connectedComponents((labels == k).astype(np.uint8), connectivity=4)
+        first = parts.ravel()[np.flatnonzero(labels.ravel() == k)[0]]
+        component = parts == first
+        outside_pieces = cv2.connectedComponents((~component).astype(np.uint8), connectivity=8)[0] - 1
+        area = _shoelace(a)
+        assert area >= component.sum()
+        if n_components == 2 and outside_pieces <= 1:  # one piece, no holes: the outline is exact
+            assert area == component.sum()
+
+
+def test_contour_of_known_shapes() -> None:
+    from pysynth.instances import trace_contours
+
+    labels = np.zeros((4, 5), np.int32)
+    labels[1, 1] = 1
+    labels[1:3, 3] = 2
+    labels[2, 3:5] = 2
+    square, ell = trace_contours(labels)
+    assert square.tolist() == [[1, 1], [2, 1], [2, 2], [1, 2]]
+    assert ell.tolist() == [[3, 1], [4, 1], [4, 2], [5, 2], [5, 3], [3, 3]]
+    assert _shoelace(ell) == 3
