@@ -1,0 +1,1 @@
+"""Networks: the two-head U-Net segmenter (and, later, the refiner and discriminator)."""
