@@ -22,7 +22,8 @@ def _disk(radius_px: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
-def _drop_small(mask: np.ndarray, min_area_px: float) -> np.ndarray:
+def drop_small_objects(mask: np.ndarray, min_area_px: float) -> np.ndarray:
+    """The 8-connected parts of a boolean mask with at least ``min_area_px`` pixels."""
     _count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_area_px
     keep[0] = False
@@ -66,9 +67,9 @@ def tissue_mask_from_rgb(
     if close_um / mpp >= 1:
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disk(close_um / mpp))
     px_area = mpp * mpp
-    holes = _drop_small(mask == 0, max_hole_um2 / px_area + 1)
+    holes = drop_small_objects(mask == 0, max_hole_um2 / px_area + 1)
     # Background that touches the border is never a hole, whatever its size.
-    return _drop_small(~holes, min_object_um2 / px_area)
+    return drop_small_objects(~holes, min_object_um2 / px_area)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 from pysynth.errors import PysynthError, SlideError
 from pysynth.fsutil import atomic_write_bytes, atomic_write_text
 from pysynth.synth.config import SynthConfig
-from pysynth.synth.source import SourceTile, optical_density, prepare_source
+from pysynth.synth.source import SourceTile, prepare_source
 
 log = logging.getLogger("pysynth")
 
@@ -45,7 +45,14 @@ def collect_real_tiles(
     Returns:
         ``(tiles, failures)``: ``(name, rgb)`` pairs, and one message per unusable input.
     """
-    from pysynth.io import compute_tissue_mask, load_rgb, open_slide, read_region, read_thumbnail
+    from pysynth.io import (
+        compute_tissue_mask,
+        load_rgb,
+        open_slide,
+        read_region,
+        read_thumbnail,
+        tissue_mask_from_rgb,
+    )
     from pysynth.sample import place_patches, source_rng
     from pysynth.sources import collect_sources
 
@@ -88,7 +95,7 @@ def collect_real_tiles(
             failures.append(
                 f"{name}: {rgb.shape[1]}×{rgb.shape[0]} px at {config.mpp} µm/px is smaller than --size {config.size}"
             )
-        elif (optical_density(rgb[::4, ::4]).sum(axis=2) > 0.25).mean() < 0.05:
+        elif tissue_mask_from_rgb(rgb[::4, ::4], 4 * config.mpp).mean() < 0.05:
             failures.append(f"{name}: no tissue")
         else:
             kept.append((name, rgb))
@@ -163,7 +170,7 @@ def load_sources(dataset_dir: str | Path) -> list[SourceTile]:
                     rgb=rgb,
                     background=z["background"],
                     tissue=z["tissue"],
-                    super_mask=np.zeros(0, bool),
+                    super_mask=None,
                     stain=z["stain"],
                     darkness=z["darkness"],
                     texture=z["texture"],

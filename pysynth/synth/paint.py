@@ -21,10 +21,10 @@ from __future__ import annotations
 import numpy as np
 
 from pysynth import _core
+from pysynth.synth.source import OD_LUT as _OD
 
 OD_STEPS = 512
 OD_MAX = 10
-_OD = (-np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
 _U8 = np.clip(np.round(np.exp(-np.arange(OD_STEPS * OD_MAX + 1) / OD_STEPS) * 256.0 - 1.0), 0, 255).astype(np.uint8)
 _PLANES = ("mix", "texture", "speckle", "gain", "thin")
 

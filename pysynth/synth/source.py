@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pysynth.io.tissue import drop_small_objects
 from pysynth.synth.config import SynthConfig
 
 #: Ruifrok & Johnston stain vectors (optical density of hematoxylin, eosin, DAB), as in skimage.color.
@@ -28,22 +29,10 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     return OD_LUT[rgb]
 
 
-def rgb_from_od(od: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`optical_density`, rounded and clipped to ``uint8``."""
-    return np.clip(np.exp(-od) * 256.0 - 1.0 + 0.5, 0, 255).astype(np.uint8)
-
-
 def _otsu(values: np.ndarray, lo: float, hi: float) -> float:
     scaled = np.clip((values - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
     t, _ = cv2.threshold(scaled.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     return lo + t / 255.0 * (hi - lo)
-
-
-def _drop_small(mask: np.ndarray, min_area: int) -> np.ndarray:
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
-    keep[0] = False
-    return keep[labels]
 
 
 @dataclass
@@ -55,7 +44,7 @@ class SourceTile:
         rgb: The real tile, RGB ``uint8`` ``(h, w, 3)`` (references are crops of it).
         background: The tile with its nuclei inpainted away, RGB ``uint8``.
         tissue: Where nuclei may be placed, bool ``(h, w)``.
-        super_mask: The super-segmentation that was inpainted, bool ``(h, w)``.
+        super_mask: The super-segmentation that was inpainted, bool ``(h, w)`` (None once saved and reloaded).
         stain: Unit optical-density colour of this tile's nuclei, float32 ``(3,)``.
         darkness: Optical density of the tile's real nuclei along ``stain``, float32 ``(k,)``, pale to dark.
         texture: Zero-mean, unit-sd high-pass eosin texture, float32 ``(h, w)``.
@@ -67,7 +56,7 @@ class SourceTile:
     rgb: np.ndarray
     background: np.ndarray
     tissue: np.ndarray
-    super_mask: np.ndarray
+    super_mask: np.ndarray | None
     stain: np.ndarray
     darkness: np.ndarray
     texture: np.ndarray
@@ -105,7 +94,7 @@ def segment_nuclear_material(
     local = hema - cv2.GaussianBlur(hema, (0, 0), sigma_local)
     super_mask = ((hema > min(super_threshold, threshold)) | (local > config.local_contrast)) & tissue_px
     super_mask = cv2.morphologyEx(super_mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
-    super_mask = _drop_small(super_mask, 12)
+    super_mask = drop_small_objects(super_mask > 0, 12)
     if config.super_dilate:
         k = 2 * config.super_dilate + 1
         disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
