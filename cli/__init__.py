@@ -10,7 +10,9 @@ from pysynth import __version__
 from pysynth.cli.bench import bench_command
 from pysynth.cli.evaluate import evaluate_command
 from pysynth.cli.sample import sample_command
+from pysynth.cli.segment import segment_command
 from pysynth.cli.synthesize import synthesize_command
+from pysynth.cli.train import train_command
 
 
 def _version_message() -> str:
@@ -33,7 +35,9 @@ def cli() -> None:
 cli.add_command(bench_command)
 cli.add_command(evaluate_command)
 cli.add_command(sample_command)
+cli.add_command(segment_command)
 cli.add_command(synthesize_command)
+cli.add_command(train_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-SECTION_CHOICES = ("synthesis", "kernels", "store", "all")
+SECTION_CHOICES = ("synthesis", "kernels", "store", "segment", "all")
 
 
 @click.command("bench")

@@ -60,3 +60,64 @@ def slide_overview(thumbnail: np.ndarray, tissue: np.ndarray, boxes_xywh: np.nda
     for x, y, w, h in np.asarray(boxes_xywh, np.float64).reshape(-1, 4) / scale:
         cv2.rectangle(picture, (round(x), round(y)), (round(x + w), round(y + h)), (30, 60, 230), thickness)
     return picture
+
+
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def line_plot(
+    x: np.ndarray,
+    series: dict[str, np.ndarray],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    log_y: bool = False,
+    size: tuple[int, int] = (480, 800),
+) -> np.ndarray:
+    """A simple line chart (RGB ``uint8``, ``size`` = (height, width)) with a legend and min/max tick labels.
+
+    Non-finite and, with ``log_y``, non-positive values are skipped.
+    """
+    h, w = size
+    image = np.full((h, w, 3), 255, np.uint8)
+    left, right, top, bottom = 70, 20, 30, 40
+    x = np.asarray(x, np.float64)
+    values = {k: np.asarray(v, np.float64) for k, v in series.items()}
+    ok = {k: np.isfinite(v) & np.isfinite(x) & ((v > 0) if log_y else True) for k, v in values.items()}
+    ys = np.concatenate([v[ok[k]] for k, v in values.items()]) if values else np.zeros(0)
+    cv2.putText(image, title, (left, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.rectangle(image, (left, top), (w - right, h - bottom), (0, 0, 0), 1)
+    if ys.size == 0 or x.size == 0:
+        return image
+    fy = np.log10 if log_y else (lambda v: v)
+    y_lo, y_hi = float(fy(ys.min())), float(fy(ys.max()))
+    y_hi = y_hi if y_hi > y_lo else y_lo + 1.0
+    x_lo, x_hi = float(np.nanmin(x)), float(np.nanmax(x))
+    x_hi = x_hi if x_hi > x_lo else x_lo + 1.0
+
+    def to_px(xv: np.ndarray, yv: np.ndarray) -> np.ndarray:
+        px = left + (xv - x_lo) / (x_hi - x_lo) * (w - left - right)
+        py = h - bottom - (fy(yv) - y_lo) / (y_hi - y_lo) * (h - top - bottom)
+        return np.stack([px, py], axis=1).round().astype(np.int32)
+
+    for i, (name, v) in enumerate(values.items()):
+        colour = _COLOURS[i % len(_COLOURS)]
+        pts = to_px(x[ok[name]], v[ok[name]])
+        if len(pts) > 1:
+            cv2.polylines(image, [pts], False, colour, 1, cv2.LINE_AA)
+        elif len(pts) == 1:
+            cv2.circle(image, tuple(int(c) for c in pts[0]), 2, colour, -1)
+        cv2.putText(
+            image, name, (w - right - 200, top + 18 + 16 * i), cv2.FONT_HERSHEY_PLAIN, 1.0, colour, 1, cv2.LINE_AA
+        )
+    font, grey = cv2.FONT_HERSHEY_PLAIN, (60, 60, 60)
+    lo_text = f"{10**y_lo if log_y else y_lo:.3g}"
+    hi_text = f"{10**y_hi if log_y else y_hi:.3g}"
+    cv2.putText(image, hi_text, (4, top + 10), font, 0.9, grey, 1, cv2.LINE_AA)
+    cv2.putText(image, lo_text, (4, h - bottom), font, 0.9, grey, 1, cv2.LINE_AA)
+    cv2.putText(image, f"{x_lo:.4g}", (left, h - bottom + 16), font, 0.9, grey, 1, cv2.LINE_AA)
+    cv2.putText(image, f"{x_hi:.4g}", (w - right - 50, h - bottom + 16), font, 0.9, grey, 1, cv2.LINE_AA)
+    cv2.putText(
+        image, xlabel + (" (log y)" if log_y else ""), (w // 2 - 40, h - 8), font, 1.0, (0, 0, 0), 1, cv2.LINE_AA
+    )
+    return image

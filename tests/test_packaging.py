@@ -45,6 +45,11 @@ def test_wheel_holds_the_whole_package(tmp_path: Path) -> None:
         "pysynth/io/base.py",
         "pysynth/data/CMU-1-Small-Region.svs",
         "pysynth/data/README.md",
+        "pysynth/models/default/model.pt",
+        "pysynth/models/default/model.json",
+        "pysynth/models/default/MODEL_CARD.md",
+        "pysynth/cli/segment.py",
+        "pysynth/cli/train.py",
     ):
         assert required in names, required
     assert any(n.startswith("pysynth/_core.") and n.endswith((".so", ".pyd")) for n in names)

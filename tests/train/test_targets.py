@@ -51,3 +51,41 @@ def test_loss_matches_a_hand_computation_and_weights() -> None:
     first, _ = two_head_loss(logits[:1], det[:1], seg[:1], px)
     assert float(weighted.detach()) == pytest.approx(float(first.detach()))  # (2·l0 + 0·l1) / 2
     assert torch.autograd.gradcheck(lambda z: two_head_loss(z, det, seg, px)[0], (logits,))
+
+
+def test_core_targets_separate_touching_nuclei() -> None:
+    from pysynth.train.targets import core_targets
+
+    labels = np.zeros((30, 40), np.int32)
+    labels[5:20, 3:19] = 1
+    labels[5:20, 19:35] = 2  # touches nucleus 1 along a whole column
+    labels[24:27, 10:13] = 3  # small
+    det, seg = core_targets(labels, 0.5)
+    assert seg.sum() == (labels > 0).sum()
+    assert (det <= seg).all()
+    for k in (1, 2, 3):
+        assert det[labels == k].any(), f"nucleus {k} has no core"
+    # The cores of the touching pair do not touch: seeds from them keep the nuclei apart.
+    import cv2
+
+    n, _ = cv2.connectedComponents(det.astype(np.uint8), connectivity=8)
+    assert n - 1 == 3
+    assert not det[:, 18:20].any()
+    with pytest.raises(ValueError, match="fraction"):
+        core_targets(labels, 0.0)
+
+
+def test_dice_term() -> None:
+    from pysynth.train.targets import soft_dice_loss
+
+    target = torch.zeros(2, 8, 8)
+    target[0, 2:5, 2:5] = 1
+    weights = torch.ones(2, 8, 8)
+    perfect = torch.where(target > 0, 30.0, -30.0)
+    assert soft_dice_loss(perfect, target, weights).max() < 1e-3  # the empty second sample counts as perfect too
+    wrong = -perfect
+    assert soft_dice_loss(wrong, target, weights)[0] > 0.9
+    logits = torch.zeros(2, 2, 8, 8, requires_grad=True)
+    plain, _ = two_head_loss(logits, target, target, weights)
+    with_dice, _ = two_head_loss(logits, target, target, weights, dice_weight=0.5)
+    assert float(with_dice.detach()) > float(plain.detach())

@@ -1,0 +1,131 @@
+"""Saving and loading a trained segmenter: ``model.pt`` (weights) and ``model.json`` (everything else).
+
+A model folder is self-describing: the network's shape, the resolution it works at, how its input is
+normalised, the post-processing thresholds chosen on held-out synthetic patches, and the training run's
+resolved configuration. :func:`default_model_dir` is the model shipped inside the package.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pysynth.errors import PysynthError
+from pysynth.fsutil import atomic_write_bytes, atomic_write_text
+from pysynth.instances import InstanceConfig
+from pysynth.models.unet import UNet, UNetConfig
+
+FORMAT = "pysynth-segmenter"
+VERSION = 1
+WEIGHTS = "model.pt"
+META = "model.json"
+
+
+class ModelError(PysynthError):
+    """A model folder that cannot be used."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model folder says about its network.
+
+    Attributes:
+        unet: The network's shape.
+        mpp: Resolution the network works at (µm/px); inputs are resampled to it.
+        instances: Post-processing thresholds and sizes.
+        extra: Everything else recorded (training configuration, steps, wall time, ...).
+    """
+
+    unet: UNetConfig
+    mpp: float
+    instances: InstanceConfig
+    extra: dict[str, Any]
+
+
+def default_model_dir() -> Path:
+    """The model shipped with the package."""
+    return Path(__file__).resolve().parent / "default"
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB ``(N, 3, H, W)`` → the network's float input in [-1, 1]."""
+    return images.float().mul_(1.0 / 127.5).sub_(1.0)
+
+
+def save_model(
+    folder: str | Path, model: UNet, mpp: float, instances: InstanceConfig, extra: dict[str, Any] | None = None
+) -> None:
+    """Write ``model.pt`` and ``model.json`` atomically (weights first, so a folder with a json is complete)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    state = {
+        k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
+        for k, v in model.state_dict().items()
+    }
+    torch.save(state, buffer)
+    atomic_write_bytes(folder / WEIGHTS, buffer.getvalue())
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "unet": model.config.to_dict(),
+        "mpp": mpp,
+        "input": "RGB uint8 / 127.5 - 1",
+        "instances": {f.name: getattr(instances, f.name) for f in fields(InstanceConfig)},
+        **(extra or {}),
+    }
+    atomic_write_text(folder / META, json.dumps(meta, indent=1) + "\n")
+
+
+def read_model_info(folder: str | Path) -> ModelInfo:
+    """Parse ``model.json``.
+
+    Raises:
+        ModelError: If the folder has no ``model.json``/``model.pt``, or the json is not a compatible model.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: no such model folder")
+    if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
+        raise ModelError(f"{folder}: not a model folder (needs {WEIGHTS} and {META}, as `pysynth train` writes)")
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(f"{folder / META}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"{folder / META}: not a pysynth segmenter description")
+    if meta.get("version") != VERSION:
+        raise ModelError(f"{folder / META}: format version {meta.get('version')}, this pysynth reads {VERSION}")
+    try:
+        unet = UNetConfig(**meta["unet"])
+        instances = InstanceConfig(**meta["instances"])
+        mpp = float(meta["mpp"])
+        if not 0.02 <= mpp <= 50:
+            raise ValueError(f"mpp {mpp} out of range")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{folder / META}: incompatible configuration ({exc})") from None
+    extra = {k: v for k, v in meta.items() if k not in ("format", "version", "unet", "mpp", "instances", "input")}
+    return ModelInfo(unet, mpp, instances, extra)
+
+
+def load_model(folder: str | Path | None = None) -> tuple[UNet, ModelInfo]:
+    """The network (eval mode, CPU, fp32) and its description; the shipped model when ``folder`` is None.
+
+    Raises:
+        ModelError: If the folder is not a usable model or its weights do not fit its configuration.
+    """
+    folder = default_model_dir() if folder is None else Path(folder)
+    info = read_model_info(folder)
+    model = UNet(info.unet)
+    try:
+        state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{folder / WEIGHTS}: weights do not fit the configuration in {META} ({first})") from None
+    return model.eval(), info

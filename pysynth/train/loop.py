@@ -1,0 +1,355 @@
+"""Training the two-head U-Net on synthetic patches: data, optimisation, checkpoints, threshold selection.
+
+Batch ``t`` holds items ``t·B .. t·B + B - 1`` of the synthetic stream (or of a stored dataset), and item ``i``'s
+synthesis and augmentation depend on ``(seed, i)`` only; with the checkpoint holding the weights, optimiser and
+step, a resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pysynth.errors import PysynthError
+from pysynth.fsutil import atomic_write_bytes, atomic_write_text
+from pysynth.instances import InstanceConfig, instances_from_maps
+from pysynth.models.io import normalise, save_model
+from pysynth.models.unet import UNet
+from pysynth.train.augment import augment
+from pysynth.train.config import TrainConfig, dump_config
+from pysynth.train.targets import border_weights, core_targets, make_targets, two_head_loss
+
+log = logging.getLogger("pysynth")
+
+CHECKPOINT = "checkpoint.pt"
+SNAPSHOTS = "snapshots"
+WORK = "work"
+#: Validation items come from their own stream, far from any training index.
+VAL_OFFSET = 1 << 40
+
+
+def centres_of(labels: np.ndarray) -> np.ndarray:
+    """``(n, 2)`` centroids ``(x, y)`` of labels 1..max (NaN for absent labels)."""
+    n = int(labels.max()) if labels.size else 0
+    ys, xs = np.nonzero(labels)
+    ids = labels[ys, xs]
+    count = np.bincount(ids, minlength=n + 1)[1:].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx = np.bincount(ids, xs + 0.5, minlength=n + 1)[1:] / count
+        cy = np.bincount(ids, ys + 0.5, minlength=n + 1)[1:] / count
+    return np.stack([cx, cy], axis=1)
+
+
+@dataclass
+class ItemMaker:
+    """Training item ``i``: a synthetic patch, augmented, with targets and pixel weights (depends on (seed, i))."""
+
+    source: Callable[[int], tuple[dict[str, np.ndarray], dict]]
+    config: TrainConfig
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        """Arrays ``image`` (s, s, 3) uint8, ``detection``/``segmentation``/``weights`` (s, s) float32, ``labels``."""
+        from pysynth.synth.store import item_rng
+
+        c = self.config
+        arrays, _ = self.source(index)
+        rng = item_rng(c.seed + 7_919, index)
+        image, labels, valid = augment(arrays["image"], arrays["labels"], rng, c.augment, c.crop)
+        if c.detection_target == "core":
+            det, seg = core_targets(labels, c.core_fraction)
+        else:
+            det, seg = make_targets(labels, centres_of(labels))
+        weights = border_weights(labels.shape, c.border, c.border_weight) * valid
+        # A per-sample loss weight travels with the item when its source gives one (importance weights); else 1.
+        sample_weight = np.float32(arrays.get("weight", 1.0))
+        return {
+            "image": image,
+            "detection": det,
+            "segmentation": seg,
+            "weights": weights,
+            "labels": labels,
+            "sample_weight": sample_weight,
+        }
+
+
+def make_source(
+    config: TrainConfig,
+    out_dir: Path,
+    real: Sequence[Path] = (),
+    synthetic: Path | None = None,
+    input_mpp: float | None = None,
+) -> Callable[[int], tuple[dict[str, np.ndarray], dict]]:
+    """``source(i) -> (arrays, meta)``: streaming synthesis from real tiles, or a stored dataset (cycled, shuffled).
+
+    Raises:
+        PysynthError: If the sources give no usable tissue, or the dataset cannot be read.
+    """
+    if synthetic is not None:
+        from pysynth.synth.generate import SyntheticPatches
+
+        try:
+            dataset = SyntheticPatches(synthetic)
+            n = len(dataset)
+        except (OSError, ValueError, KeyError) as exc:
+            raise PysynthError(f"{synthetic}: not a readable synthetic dataset ({exc})") from None
+        if n == 0:
+            raise PysynthError(f"{synthetic}: the dataset is empty")
+
+        def from_dataset(i: int) -> tuple[dict[str, np.ndarray], dict]:
+            epoch, k = divmod(i, n)
+            order = np.random.default_rng([config.seed, epoch]).permutation(n)
+            item = dataset[int(order[k])]
+            return {"image": item["image"], "labels": item["labels"]}, item["meta"]
+
+        return from_dataset
+    from pysynth.synth.generate import streaming_dataset
+
+    stream = streaming_dataset(real, out_dir / WORK, config.synth, seed=config.seed, input_mpp=input_mpp)
+    maker = stream.make_item
+    return lambda i: maker(i, seed=config.seed)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    t = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _batch_tensors(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    images = torch.from_numpy(np.stack([it["image"] for it in items])).permute(0, 3, 1, 2)
+    out = {"image": normalise(images).contiguous(memory_format=torch.channels_last)}
+    for key in ("detection", "segmentation", "weights", "sample_weight"):
+        out[key] = torch.from_numpy(np.stack([it[key] for it in items]))
+    return out
+
+
+@torch.no_grad()
+def predict_batch(model: UNet, images: np.ndarray) -> np.ndarray:
+    """Probabilities ``(N, 2, H, W)`` float32 for uint8 images ``(N, H, W, 3)`` (H, W multiples of 2**depth)."""
+    x = normalise(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2))
+    return torch.sigmoid(model(x.contiguous(memory_format=torch.channels_last))).numpy()
+
+
+def choose_thresholds(
+    maps: np.ndarray, labels: Sequence[np.ndarray], base: InstanceConfig
+) -> tuple[InstanceConfig, list[dict[str, float]]]:
+    """Grid-search the seed and foreground thresholds for the best mean AJI (ties: PQ) on labelled patches.
+
+    Args:
+        maps: ``(N, 2, H, W)`` probabilities of the patches.
+        labels: Their true instance labels.
+        base: Other post-processing settings.
+
+    Returns:
+        ``(best, table)``: the best configuration and every tried one's mean scores.
+    """
+    from pysynth.metrics import mean_scores, score
+
+    table = []
+    best, best_key = base, (-1.0, -1.0)
+    for det_t in (0.3, 0.4, 0.5, 0.6, 0.7):
+        for fg_t in (0.3, 0.4, 0.5, 0.6):
+            cfg = replace(base, detection_threshold=det_t, foreground_threshold=fg_t)
+            s = mean_scores(
+                [score(lab, instances_from_maps(m[0], m[1], cfg)) for m, lab in zip(maps, labels, strict=True)]
+            )
+            table.append({"detection_threshold": det_t, "foreground_threshold": fg_t, **s.to_dict()})
+            if (s.aji, s.pq) > best_key:
+                best, best_key = cfg, (s.aji, s.pq)
+    return best, table
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _plot_losses(rows: list[dict[str, float]], path: Path) -> None:
+    from pysynth.viz import line_plot
+
+    steps = np.array([r["step"] for r in rows], np.float64)
+    series = {
+        key: np.array([r[key] for r in rows], np.float64) for key in ("loss", "bce_detection", "bce_segmentation")
+    }
+    image = line_plot(steps, series, title="training loss", xlabel="step", log_y=True)
+    import cv2
+
+    atomic_write_bytes(path, cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes())
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    real: Sequence[Path] = (),
+    synthetic: Path | None = None,
+    input_mpp: float | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+    sources_note: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Train (or resume training) a segmenter into ``out_dir``; returns the summary written to ``model.json``.
+
+    Writes ``config.yaml`` (the resolved configuration), ``checkpoint.pt`` every ``checkpoint_every`` steps,
+    ``snapshots/step_*.pt`` every ``snapshot_every`` steps, ``losses.csv`` and ``loss_curve.png``, and at the end
+    ``model.pt`` + ``model.json`` with thresholds chosen on held-out synthetic patches (``validation.json``).
+
+    Raises:
+        PysynthError: If ``out_dir`` holds a run with another configuration (unless ``overwrite``), or the data
+            cannot be used.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = dump_config(config)
+    config_path, checkpoint_path = out_dir / "config.yaml", out_dir / CHECKPOINT
+    if config_path.exists() and not overwrite:
+        if config_path.read_text() != resolved:
+            import yaml
+
+            old, new = _flatten(yaml.safe_load(config_path.read_text()) or {}), _flatten(yaml.safe_load(resolved))
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise PysynthError(
+                f"{out_dir}: holds a training run with other settings ({', '.join(changed) or 'config'}); "
+                "use another --out or --overwrite"
+            )
+    elif overwrite:
+        for stale in (checkpoint_path, out_dir / "losses.csv"):
+            stale.unlink(missing_ok=True)
+    atomic_write_text(config_path, resolved)
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model = UNet(config.model).to(memory_format=torch.channels_last)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    step, wall, rows = 0, 0.0, []
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        step, wall, rows = int(state["step"]), float(state["wall_s"]), list(state["rows"])
+        log.info("resuming at step %d of %d", step, config.steps)
+    source = make_source(config, out_dir, real, synthetic, input_mpp)
+    maker = ItemMaker(source, config)
+
+    def batch_items(t: int) -> list[dict[str, np.ndarray]]:
+        return [maker(t * config.batch + k) for k in range(config.batch)]
+
+    def save_checkpoint() -> None:
+        _atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "step": step,
+                "wall_s": wall,
+                "rows": rows,
+            },
+            checkpoint_path,
+        )
+        with (out_dir / "losses.csv.part").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, ["step", "loss", "bce_detection", "bce_segmentation", "lr", "wall_s"])
+            writer.writeheader()
+            writer.writerows(rows)
+        (out_dir / "losses.csv.part").replace(out_dir / "losses.csv")
+        if rows:
+            _plot_losses(rows, out_dir / "loss_curve.png")
+
+    model.train()
+    with ThreadPoolExecutor(1) as pool:  # the next batch is made while this one trains
+        pending = pool.submit(batch_items, step) if step < config.steps else None
+        window: list[tuple[float, dict[str, float]]] = []
+        while step < config.steps:
+            started = time.perf_counter()
+            assert pending is not None
+            items = pending.result()
+            pending = pool.submit(batch_items, step + 1) if step + 1 < config.steps else None
+            batch = _batch_tensors(items)
+            lr = _lr_at(step, config)
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            logits = model(batch["image"])
+            loss, parts = two_head_loss(
+                logits,
+                batch["detection"],
+                batch["segmentation"],
+                batch["weights"],
+                batch["sample_weight"],
+                dice_weight=config.dice_weight,
+            )
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            step += 1
+            wall += time.perf_counter() - started
+            window.append((float(loss.detach()), parts))
+            if step % 10 == 0 or step == config.steps:
+                row = {
+                    "step": step,
+                    "loss": float(np.mean([w[0] for w in window])),
+                    "bce_detection": float(np.mean([w[1]["bce_detection"] for w in window])),
+                    "bce_segmentation": float(np.mean([w[1]["bce_segmentation"] for w in window])),
+                    "lr": lr,
+                    "wall_s": round(wall, 2),
+                }
+                rows.append(row)
+                window = []
+            if progress is not None:
+                progress(step, {"loss": float(loss.detach())})
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save_checkpoint()
+            if config.snapshot_every and step % config.snapshot_every == 0:
+                (out_dir / SNAPSHOTS).mkdir(exist_ok=True)
+                _atomic_torch_save(model.state_dict(), out_dir / SNAPSHOTS / f"step_{step:06d}.pt")
+    model.eval()
+    # Held-out synthetic patches: their own index range, never trained on.
+    val_items = [maker(VAL_OFFSET + k) for k in range(config.val_patches)]
+    maps = np.concatenate(
+        [
+            predict_batch(model, np.stack([it["image"] for it in val_items[k : k + 16]]))
+            for k in range(0, len(val_items), 16)
+        ]
+    )
+    base = InstanceConfig(min_size=max(1, round(20 * (0.25 / config.synth.mpp) ** 2)))
+    best, table = choose_thresholds(maps, [it["labels"] for it in val_items], base)
+    atomic_write_text(
+        out_dir / "validation.json", json.dumps({"chosen": best.__dict__, "grid": table}, indent=1) + "\n"
+    )
+    summary = {
+        "steps": step,
+        "train_wall_s": round(wall, 1),
+        "sources": list(sources_note),
+        "train": json.loads(json.dumps(config.to_dict())),
+        "validation": next(
+            r
+            for r in table
+            if r["detection_threshold"] == best.detection_threshold
+            and r["foreground_threshold"] == best.foreground_threshold
+        ),
+    }
+    save_model(out_dir, model, config.synth.mpp, best, summary)
+    return summary

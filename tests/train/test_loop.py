@@ -1,0 +1,149 @@
+"""The training loop: outputs, exact resume, determinism, refusing a different run, the dataset path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pysynth.errors import PysynthError
+from pysynth.models.io import load_model
+from pysynth.train.config import TrainConfig, dump_config, load_config_file
+from pysynth.train.loop import train
+
+TINY = {
+    "model": {"width": 4, "depth": 2, "max_width": 16},
+    "synth": {"size": 80},
+    "augment": {"scale": [0.9, 1.1]},
+    "crop": 64,
+    "batch": 2,
+    "steps": 4,
+    "warmup": 1,
+    "val_patches": 4,
+    "checkpoint_every": 1,
+    "snapshot_every": 2,
+    "threads": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def real_png(tmp_path_factory: pytest.TempPathFactory, tissue_rgb: np.ndarray) -> Path:
+    path = tmp_path_factory.mktemp("real") / "tissue.png"
+    cv2.imwrite(str(path), cv2.cvtColor(tissue_rgb, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "model.pt", weights_only=True)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_writes_a_usable_model_folder(tmp_path: Path, real_png: Path) -> None:
+    config = TrainConfig.from_dict(TINY)
+    summary = train(config, tmp_path / "m", real=[real_png], input_mpp=0.25)
+    folder = tmp_path / "m"
+    for name in ("config.yaml", "checkpoint.pt", "losses.csv", "loss_curve.png", "model.pt", "model.json"):
+        assert (folder / name).is_file(), name
+    assert sorted(p.name for p in (folder / "snapshots").iterdir()) == ["step_000002.pt", "step_000004.pt"]
+    assert summary["steps"] == 4
+    model, info = load_model(folder)
+    assert info.unet.width == 4
+    assert info.mpp == 0.25
+    assert 0.3 <= info.instances.detection_threshold <= 0.7
+    assert TrainConfig.from_dict(load_config_file(folder / "config.yaml")) == config
+    validation = json.loads((folder / "validation.json").read_text())
+    assert len(validation["grid"]) == 20
+    out = model(torch.zeros(1, 3, 32, 32))
+    assert out.shape == (1, 2, 32, 32)
+
+
+def test_interrupted_run_resumes_exactly(tmp_path: Path, real_png: Path) -> None:
+    config = TrainConfig.from_dict(TINY)
+    train(config, tmp_path / "straight", real=[real_png], input_mpp=0.25)
+
+    def stop_after_two(step: int, _parts: dict) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed", real=[real_png], input_mpp=0.25, progress=stop_after_two)
+    assert not (tmp_path / "resumed" / "model.pt").exists()
+    train(config, tmp_path / "resumed", real=[real_png], input_mpp=0.25)
+    assert _same(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed"))
+    losses = [line.split(",")[0] for line in (tmp_path / "resumed" / "losses.csv").read_text().splitlines()]
+    assert losses[0] == "step"
+
+
+def test_seed_decides_the_result(tmp_path: Path, real_png: Path) -> None:
+    train(TrainConfig.from_dict(TINY), tmp_path / "a", real=[real_png], input_mpp=0.25)
+    train(TrainConfig.from_dict(TINY), tmp_path / "b", real=[real_png], input_mpp=0.25)
+    train(TrainConfig.from_dict({**TINY, "seed": 1}), tmp_path / "c", real=[real_png], input_mpp=0.25)
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "c"))
+
+
+def test_other_settings_are_refused_unless_overwrite(tmp_path: Path, real_png: Path) -> None:
+    train(TrainConfig.from_dict(TINY), tmp_path / "m", real=[real_png], input_mpp=0.25)
+    other = TrainConfig.from_dict({**TINY, "lr": 1e-3})
+    with pytest.raises(PysynthError, match="lr"):
+        train(other, tmp_path / "m", real=[real_png], input_mpp=0.25)
+    train(other, tmp_path / "m", real=[real_png], input_mpp=0.25, overwrite=True)
+    assert "lr: 0.001" in (tmp_path / "m" / "config.yaml").read_text()
+
+
+def test_config_parts_and_errors(tmp_path: Path) -> None:
+    config = TrainConfig.from_dict({"model": {"width": 12}, "synth": {"size": 256}, "augment": {"blur_p": 0.0}})
+    assert config.model.width == 12
+    assert config.model.depth == 4
+    assert config.synth.size == 256
+    assert config.augment.blur_p == 0.0
+    (tmp_path / "c.yaml").write_text(dump_config(config))
+    assert TrainConfig.from_dict(load_config_file(tmp_path / "c.yaml")) == config
+    with pytest.raises(ValueError, match="unknown training"):
+        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="unknown model"):
+        TrainConfig.from_dict({"model": {"widht": 3}})
+    with pytest.raises(ValueError, match="crop"):
+        TrainConfig.from_dict({"crop": 100})
+    (tmp_path / "bad.yaml").write_text("steps: [1,\n")
+    with pytest.raises(PysynthError, match="YAML"):
+        load_config_file(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(PysynthError, match="mapping"):
+        load_config_file(tmp_path / "list.yaml")
+
+
+def test_training_from_a_stored_dataset(tmp_path: Path, real_png: Path) -> None:
+    from pysynth.synth.config import SynthConfig
+    from pysynth.synth.generate import synthesize_dataset
+
+    synthesize_dataset([real_png], tmp_path / "ds", 6, SynthConfig(size=80), input_mpp=0.25, shard_size=4)
+    summary = train(TrainConfig.from_dict(TINY), tmp_path / "m", synthetic=tmp_path / "ds")
+    assert summary["steps"] == 4
+    assert (tmp_path / "m" / "model.pt").is_file()
+    assert not (tmp_path / "m" / "work").exists()
+
+
+def test_items_carry_their_sample_weight() -> None:
+    from pysynth.train.loop import ItemMaker
+
+    labels = np.zeros((80, 80), np.uint16)
+    labels[20:40, 20:40] = 1
+    image = np.full((80, 80, 3), 200, np.uint8)
+
+    def source(i: int, weight: float | None = None) -> tuple[dict, dict]:
+        arrays = {"image": image, "labels": labels}
+        if i % 2:
+            arrays["weight"] = np.float32(0.25)
+        return arrays, {}
+
+    maker = ItemMaker(source, TrainConfig.from_dict(TINY))
+    assert maker(0)["sample_weight"] == 1.0
+    assert maker(1)["sample_weight"] == pytest.approx(0.25)
