@@ -71,12 +71,15 @@ def main(argv: list[str] | None = None) -> None:
             "step": step,
             "detection_threshold": chosen.detection_threshold,
             "foreground_threshold": chosen.foreground_threshold,
+            "detection_sigma": chosen.detection_sigma,
+            "min_size": chosen.min_size,
             **s.to_dict(),
         }
         rows.append(row)
         print(
             f"step {step:6d}  Dice1 {s.dice1:.4f}  Dice2 {s.dice2:.4f}  DICE avg {s.dice_avg:.4f}  AJI {s.aji:.4f}  "
-            f"PQ {s.pq:.4f}  (thresholds {chosen.detection_threshold}, {chosen.foreground_threshold})",
+            f"PQ {s.pq:.4f}  (seed {chosen.detection_threshold}, fg {chosen.foreground_threshold}, "
+            f"sigma {chosen.detection_sigma}, min {chosen.min_size})",
             flush=True,
         )
     atomic_write_text(args.run / "dev_curve.json", json.dumps(rows, indent=1) + "\n")

@@ -35,6 +35,12 @@ from pysynth.cli._options import input_mpp_option, out_option, seed_option, setu
     default=None,
     help="YAML (or JSON) of training parameters, nested as in the config.yaml a run writes; flags win over it.",
 )
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to train: auto (a CUDA GPU if present, with bf16 autocast), cpu, cuda, cuda:1, ...",
+)
 @click.option("--overwrite", is_flag=True, help="Start afresh in an --out that holds a run with other settings.")
 def train_command(
     reals: tuple[str, ...],
@@ -45,6 +51,7 @@ def train_command(
     batch: int | None,
     seed: int,
     config_file: str | None,
+    device: str,
     overwrite: bool,
 ) -> int:
     """Train a segmenter on synthetic patches; resumes where an interrupted run in --out stopped.
@@ -58,6 +65,7 @@ def train_command(
     from tqdm import tqdm
 
     from pysynth.fsutil import prepare_output_dir
+    from pysynth.segment import resolve_device
     from pysynth.sources import InputError
     from pysynth.train.config import TrainConfig, load_config_file
     from pysynth.train.loop import train
@@ -74,6 +82,7 @@ def train_command(
         config = TrainConfig.from_dict(values)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{config_file or 'training configuration'}: {exc}") from None
+    dev = resolve_device(device)
     out = prepare_output_dir(out_dir)
     real_paths = [Path(r) for r in reals]
     if reals:
@@ -98,6 +107,7 @@ def train_command(
             input_mpp=input_mpp,
             overwrite=overwrite,
             progress=progress,
+            device=dev,
             sources_note=[r.name for r in real_paths] or [Path(synthetic).name],
         )
     finally:

@@ -155,16 +155,20 @@ def instances_from_maps(
     _, seeds = cv2.connectedComponents(
         ((det > config.detection_threshold) & (foreground > 0)).astype(np.uint8), connectivity=cc, ltype=cv2.CV_32S
     )
-    # Foreground components without a seed get one at their maximum.
+    # Foreground components without a seed get one at their maximum (the first such pixel in raster order).
     n_fg, components = cv2.connectedComponents(foreground, connectivity=cc, ltype=cv2.CV_32S)
     seeded = np.zeros(n_fg, bool)
+    seeded[0] = True
     seeded[np.unique(components[seeds > 0])] = True
-    next_label = int(seeds.max()) + 1
-    for k in np.flatnonzero(~seeded[1:]) + 1:
-        ys, xs = np.nonzero(components == k)
-        best = int(np.argmax(seg[ys, xs]))
-        seeds[ys[best], xs[best]] = next_label
-        next_label += 1
+    comp = components.ravel()
+    where = np.flatnonzero(~seeded[comp])
+    if where.size:
+        values = seg.ravel()[where]
+        # Sorted by component, then value, then descending position: each group's last entry is its first maximum.
+        order = where[np.lexsort((-where, values, comp[where]))]
+        group = comp[order]
+        best = order[np.r_[group[1:] != group[:-1], True]]
+        seeds.ravel()[best] = np.arange(int(seeds.max()) + 1, int(seeds.max()) + 1 + best.size, dtype=np.int32)
     labels = watershed(-seg, seeds, foreground, connectivity=config.connectivity)
     return _clean(labels, config.min_size)
 
@@ -174,25 +178,40 @@ def _clean(labels: np.ndarray, min_size: int) -> np.ndarray:
     out = labels.copy()
     background = (out == 0).astype(np.uint8)
     n_bg, bg_parts = cv2.connectedComponents(background, connectivity=4, ltype=cv2.CV_32S)
-    border = np.unique(np.concatenate([bg_parts[0], bg_parts[-1], bg_parts[:, 0], bg_parts[:, -1]]))
-    for part in range(1, n_bg):
-        if part in border:
-            continue
-        hole = bg_parts == part
-        around = out[cv2.dilate(hole.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~hole]
-        around = around[around > 0]
-        if around.size and (around == around[0]).all():  # enclosed by one instance: a hole in it
-            out[hole] = around[0]
+    if n_bg > 1:
+        # Each background part that does not reach the image edge and whose 8-neighbours all belong to one instance
+        # is a hole in it. Pairs (part, label) of 8-adjacent pixels tell which instances surround each part.
+        border = np.unique(np.concatenate([bg_parts[0], bg_parts[-1], bg_parts[:, 0], bg_parts[:, -1]]))
+        h, w = out.shape
+        parts, owners = [], []
+        for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+            a = bg_parts[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+            b = out[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
+            a2 = bg_parts[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
+            b2 = out[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+            for part, owner in ((a, b), (a2, b2)):
+                m = (part > 0) & (owner > 0)
+                parts.append(part[m])
+                owners.append(owner[m])
+        base = np.int64(out.max()) + 1
+        code = np.unique(np.concatenate(parts).astype(np.int64) * base + np.concatenate(owners))
+        pairs = np.stack([code // base, code % base])
+        count = np.bincount(pairs[0], minlength=n_bg)
+        fill = np.zeros(n_bg, np.int32)
+        single = pairs[:, count[pairs[0]] == 1]
+        fill[single[0]] = single[1]
+        fill[0] = 0
+        fill[border] = 0
+        out = np.where(fill[bg_parts] > 0, fill[bg_parts], out)
     sizes = np.bincount(out.ravel())
     keep = sizes >= min_size
     keep[0] = False
     out[~keep[out]] = 0
-    _, first = np.unique(out.ravel(), return_index=True)
-    order = np.unique(out.ravel())
-    new = np.zeros(int(order.max()) + 1 if order.size else 1, np.int32)
-    ranked = order[np.argsort(first)]
-    ranked = ranked[ranked > 0]
-    new[ranked] = np.arange(1, len(ranked) + 1, dtype=np.int32)
+    flat = out.ravel()
+    where = np.flatnonzero(flat)
+    present, first = np.unique(flat[where], return_index=True)  # first: position in raster order
+    new = np.zeros(int(present.max()) + 1 if present.size else 1, np.int32)
+    new[present[np.argsort(first)]] = np.arange(1, present.size + 1, dtype=np.int32)
     return new[out]
 
 

@@ -34,28 +34,59 @@ def _ramp(n: int, margin: int) -> np.ndarray:
     return np.clip(d / max(1, margin), 1e-3, 1.0)
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` → the CUDA GPU if there is one, else the CPU; otherwise the named device.
+
+    Raises:
+        PysynthError: If the named device is not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise PysynthError(f"--device {device}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PysynthError(f"--device {device}: no CUDA GPU is available to this PyTorch")
+    return dev
+
+
 @torch.no_grad()
 def predict_maps(
-    model: UNet, rgb: np.ndarray, *, tile: int = 512, overlap: int = 64, batch: int = 4
+    model: UNet,
+    rgb: np.ndarray,
+    *,
+    tile: int = 1024,
+    overlap: int = 64,
+    batch: int = 2,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The detection and segmentation probability maps of an RGB image of any size.
 
     Args:
         model: The network (eval mode).
         rgb: ``(h, w, 3)`` uint8 at the model's resolution.
-        tile: Tile side (rounded up to a multiple of ``2**depth``).
+        tile: Tile side (rounded up to a multiple of ``2**depth``). An image at most 1.5 times that on each side
+            runs in one pass (tiling it would cost more pixels than it saves memory).
         overlap: Overlap of neighbouring tiles; outputs are blended across it.
         batch: Tiles per forward pass.
+        precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast on the model's device (fp16 on GPUs only).
 
     Returns:
         ``(detection, segmentation)``, float32 ``(h, w)`` each.
     """
     multiple = 2**model.config.depth
+    device = next(model.parameters()).device
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     h, w = rgb.shape[:2]
     tile = math.ceil(tile / multiple) * multiple
     ph, pw = (-h) % multiple, (-w) % multiple
     image = cv2.copyMakeBorder(rgb, 0, ph, 0, pw, cv2.BORDER_REFLECT_101) if ph or pw else rgb
     H, W = image.shape[:2]
+    if max(H, W) <= 1.5 * tile:
+        tile = max(H, W)
     grid = tile_grid((H, W), tile, min(overlap, tile - multiple), edge="shift")
     total = np.zeros((2, H, W), np.float32)
     weight = np.zeros((H, W), np.float32)
@@ -65,8 +96,10 @@ def predict_maps(
         for th, tw in shapes:  # tiles of one shape per forward pass (edge tiles of a small axis differ)
             boxes = [g for g in group if (int(g[2]), int(g[3])) == (th, tw)]
             x = np.stack([image[y : y + th, x0 : x0 + tw] for y, x0, _, _ in boxes])
-            t = normalise(torch.from_numpy(x).permute(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
-            p = torch.sigmoid(model(t)).numpy()
+            t = torch.from_numpy(x).to(device, non_blocking=True).permute(0, 3, 1, 2)
+            t = normalise(t).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                p = torch.sigmoid(model(t).float()).cpu().numpy()
             wt = _ramp(th, overlap // 2)[:, None] * _ramp(tw, overlap // 2)[None, :]
             for (y, x0, _, _), maps in zip(boxes, p, strict=True):
                 total[:, y : y + th, x0 : x0 + tw] += maps * wt
@@ -76,7 +109,13 @@ def predict_maps(
 
 
 def segment_rgb(
-    model: UNet, info: ModelInfo, rgb: np.ndarray, mpp: float, instances: InstanceConfig | None = None
+    model: UNet,
+    info: ModelInfo,
+    rgb: np.ndarray,
+    mpp: float,
+    instances: InstanceConfig | None = None,
+    *,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Instance labels of an RGB image at ``mpp`` µm/px, on the image's own pixel grid (int32)."""
     h, w = rgb.shape[:2]
@@ -93,7 +132,7 @@ def segment_rgb(
     scaled = (
         rgb if size == (w, h) else cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC)
     )
-    det, seg = predict_maps(model, scaled)
+    det, seg = predict_maps(model, scaled, precision=precision)
     labels = instances_from_maps(det, seg, instances or info.instances)
     if size != (w, h):
         labels = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)

@@ -172,6 +172,9 @@ def test_segment_bad_input(run_cli, tmp_path: Path, images: Path) -> None:
     other = run_cli("segment", str(images), "--model", str(tmp_path / "m"), "--input-mpp", "0.5", "--out", out)
     assert other.code == 1
     assert "another model" in other.err
-    assert run_cli(
-        "segment", str(images), "--model", str(tmp_path / "m"), "--input-mpp", "0.5", "--out", out, "--overwrite"
-    ).code == 0
+    assert (
+        run_cli(
+            "segment", str(images), "--model", str(tmp_path / "m"), "--input-mpp", "0.5", "--out", out, "--overwrite"
+        ).code
+        == 0
+    )

@@ -59,7 +59,7 @@ def test_a_run_writes_a_usable_model_folder(tmp_path: Path, real_png: Path) -> N
     assert 0.3 <= info.instances.detection_threshold <= 0.7
     assert TrainConfig.from_dict(load_config_file(folder / "config.yaml")) == config
     validation = json.loads((folder / "validation.json").read_text())
-    assert len(validation["grid"]) == 20
+    assert len(validation["grid"]) == 80
     out = model(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 2, 32, 32)
 
