@@ -178,3 +178,18 @@ def test_segment_bad_input(run_cli, tmp_path: Path, images: Path) -> None:
         ).code
         == 0
     )
+
+
+def test_more_than_65535_nuclei_go_to_a_32_bit_tiff(tmp_path: Path) -> None:
+    from pysynth.segment import write_outputs
+
+    labels = np.arange(1, 300 * 300 + 1, dtype=np.int32).reshape(300, 300)  # every pixel its own nucleus
+    rgb = np.full((300, 300, 3), 200, np.uint8)
+    paths = write_outputs(tmp_path, "many", rgb, labels)
+    assert paths.labels.name == "many_labels.tif"
+    back = cv2.imread(str(paths.labels), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.int32
+    np.testing.assert_array_equal(back, labels)
+    small = write_outputs(tmp_path, "few", rgb, (labels % 7).astype(np.int32))
+    assert small.labels.name == "few_labels.png"
+    assert cv2.imread(str(small.labels), cv2.IMREAD_UNCHANGED).dtype == np.uint16

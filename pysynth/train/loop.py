@@ -193,6 +193,37 @@ def choose_thresholds(
     return best, table
 
 
+class _StopAtStepEnd:
+    """Ctrl-C handling inside the training loop.
+
+    A first Ctrl-C (SIGINT) only asks the loop to stop after the current step; a second one interrupts at once.
+    The loop then saves a checkpoint of a whole step, so nothing done is lost on resume.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopAtStepEnd:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -294,7 +325,7 @@ def train(
             _plot_losses(rows, out_dir / "loss_curve.png")
 
     model.train()
-    with ThreadPoolExecutor(1) as pool:  # the next batch is made while this one trains
+    with _StopAtStepEnd() as stop, ThreadPoolExecutor(1) as pool:  # the next batch is made while this one trains
         pending = pool.submit(batch_items, step) if step < config.steps else None
         window: list[tuple[float, dict[str, float]]] = []
         while step < config.steps:
@@ -341,6 +372,10 @@ def train(
             if config.snapshot_every and step % config.snapshot_every == 0:
                 (out_dir / SNAPSHOTS).mkdir(exist_ok=True)
                 _atomic_torch_save(model.state_dict(), out_dir / SNAPSHOTS / f"step_{step:06d}.pt")
+            if stop.requested:
+                save_checkpoint()
+                log.info("interrupted: checkpoint saved at step %d", step)
+                raise KeyboardInterrupt
     model.eval()
     # Held-out synthetic patches: their own index range, never trained on.
     val_items = [maker(VAL_OFFSET + k) for k in range(config.val_patches)]

@@ -147,3 +147,23 @@ def test_items_carry_their_sample_weight() -> None:
     maker = ItemMaker(source, TrainConfig.from_dict(TINY))
     assert maker(0)["sample_weight"] == 1.0
     assert maker(1)["sample_weight"] == pytest.approx(0.25)
+
+
+def test_ctrl_c_stops_after_the_step_and_saves_it(tmp_path: Path, real_png: Path) -> None:
+    import os
+    import signal
+
+    config = TrainConfig.from_dict({**TINY, "checkpoint_every": 100})  # no regular checkpoint before the end
+
+    def interrupt_at_two(step: int, _parts: dict) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "m", real=[real_png], input_mpp=0.25, progress=interrupt_at_two)
+    state = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    train(config, tmp_path / "m", real=[real_png], input_mpp=0.25)
+    train(config, tmp_path / "straight", real=[real_png], input_mpp=0.25)
+    assert _same(_weights(tmp_path / "m"), _weights(tmp_path / "straight"))
