@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-SECTION_CHOICES = ("synthesis", "kernels", "store", "segment", "all")
+SECTION_CHOICES = ("synthesis", "kernels", "store", "segment", "weighted_loss", "all")
 
 
 @click.command("bench")
@@ -24,7 +24,7 @@ SECTION_CHOICES = ("synthesis", "kernels", "store", "segment", "all")
     help="Which benchmarks to run.",
 )
 def bench_command(quick: bool, json_path: str | None, section: str) -> int:
-    """Time whole-patch synthesis, the C++ kernels and the dataset store against their baselines.
+    """Time synthesis, the C++ kernels, the dataset store, segmentation and the fused loss against baselines.
 
     Prints one table per section (median and spread per item, items/s, speed-up over the baseline measured
     in the same run). Timings on shared machines are noisy: compare ratios, not absolute times.

@@ -202,8 +202,8 @@ class Refiner(nn.Module):
         self.inject = StyleInjection(width, c.style_dim if c.use_reference else 0)
         self.blocks = nn.Sequential(*(_ResidualBlock(width) for _ in range(c.refiner_blocks)))
         self.delta = nn.Conv2d(width, c.image_channels, 3, padding=1, padding_mode="reflect")
-        nn.init.zeros_(self.delta.weight)
-        nn.init.zeros_(self.delta.bias)
+        for p in self.delta.parameters():
+            nn.init.zeros_(p)
 
     def forward(self, image: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
         """Refined patches (see the class' Shape)."""
@@ -370,8 +370,8 @@ class HistoryBuffer:
         return tuple(out) if self._is_tuple else out[0]
 
     def _validate(self, batch: Batch) -> list[torch.Tensor]:
-        is_tuple = isinstance(batch, (tuple, list))
-        parts = [t.detach() for t in batch] if is_tuple else [batch.detach()]
+        is_tuple = not isinstance(batch, torch.Tensor)
+        parts = [batch.detach()] if isinstance(batch, torch.Tensor) else [t.detach() for t in batch]
         if not parts or any(p.ndim < 1 for p in parts) or len({p.shape[0] for p in parts}) != 1:
             raise ValueError(f"batch tensors must share their first dimension, got {[tuple(p.shape) for p in parts]}")
         if self._storage is not None:
