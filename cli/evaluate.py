@@ -26,7 +26,10 @@ _SUFFIXES = (".png", ".tif", ".tiff")
 )
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write scores here.")
 def evaluate_command(pred_dir: str, gt_dir: str, json_path: str | None) -> int:
-    """Score predicted instance label maps against ground-truth ones, image by image, and their means."""
+    """Score predicted instance label maps against ground-truth ones, image by image, and their means.
+
+    Every ground-truth map needs a prediction; predictions without ground truth are left out (with a note).
+    """
     import json
     from pathlib import Path
 
@@ -47,13 +50,11 @@ def evaluate_command(pred_dir: str, gt_dir: str, json_path: str | None) -> int:
     missing, extra = sorted(set(gts) - set(preds)), sorted(set(preds) - set(gts))
     if not gts:
         raise PysynthError(f"{gt_dir}: no label maps (<stem>.png or .tif)")
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"no prediction for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"no ground truth for {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        raise PysynthError(f"{pred_dir} and {gt_dir} do not pair up: " + "; ".join(parts))
+    if missing:
+        listed = f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        raise PysynthError(f"{pred_dir} and {gt_dir} do not pair up: no prediction for {listed}")
+    if extra:  # predictions of unlabelled images (e.g. a whole folder was segmented): not scored, said once
+        click.echo(f"note: {len(extra)} prediction(s) without ground truth are not scored", err=True)
 
     def load(path: Path):
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

@@ -61,6 +61,7 @@ def segment_command(
     from pysynth.fsutil import atomic_write_text, prepare_output_dir
     from pysynth.io import open_slide, read_region
     from pysynth.models.io import META, WEIGHTS, default_model_dir, load_model
+    from pysynth.models.unet import fold_batchnorm
     from pysynth.segment import MAX_PIXELS, output_paths, resolve_device, segment_rgb, write_outputs
     from pysynth.sources import collect_sources, unique_names
 
@@ -69,7 +70,7 @@ def segment_command(
     folder = default_model_dir() if model_dir is None else model_dir
     model, info = load_model(folder)
     dev = resolve_device(device)
-    model = model.to(dev).to(memory_format=torch.channels_last)
+    model = fold_batchnorm(model).to(dev).to(memory_format=torch.channels_last)
     if precision == "auto":
         precision = "fp16" if dev.type == "cuda" else "fp32"
     if precision == "fp16" and dev.type != "cuda":
@@ -92,7 +93,6 @@ def segment_command(
                 f"{out}: holds results of another model; use another --out, or --overwrite to replace them"
             )
     atomic_write_text(settings_path, json.dumps(settings) + "\n")
-    torch.set_grad_enabled(False)
 
     failures, done, skipped, nuclei, pixels, seconds = [], 0, 0, 0, 0, 0.0
     for path, stem in tqdm(

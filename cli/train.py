@@ -95,7 +95,8 @@ def train_command(
 
     def progress(step: int, parts: dict[str, float]) -> None:
         bar.n = step
-        bar.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
+        if "loss" in parts:
+            bar.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
         bar.refresh()
 
     try:

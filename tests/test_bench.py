@@ -107,3 +107,15 @@ def test_rgb2hed_matches_skimage():
 
     rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(rgb2hed(rgb), reference(rgb), atol=1e-10)
+
+
+def test_bench_quick_segment(run_cli, tmp_path):
+    out = tmp_path / "seg.json"
+    result = run_cli("bench", "--quick", "--section", "segment", "--json", out)
+    assert result.code == 0, result.err
+    section = json.loads(out.read_text())["sections"]["segment"]
+    names = [t["name"] for t in section["timings"]]
+    assert any(n.startswith("segment 512²") for n in names)
+    assert any("NCHW" in n for n in names)
+    assert section["notes"]["kflop_per_px"] > 10
+    assert section["notes"]["segment_mpx_per_s"] > 0

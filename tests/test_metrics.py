@@ -103,8 +103,10 @@ def test_evaluate_bad_input(run_cli, tmp_path) -> None:
     assert mismatch.code == 1
     assert "no prediction for c" in mismatch.error_lines()[0]
     (tmp_path / "gt" / "c.png").unlink()
+    _write(tmp_path / "pred" / "b_labels.png", pred)  # a prediction without ground truth is not scored
     shape = run_cli("evaluate", "--pred", tmp_path / "pred", "--gt", tmp_path / "gt")
     assert shape.code == 1
+    assert "1 prediction(s) without ground truth" in shape.err
     assert "differs from the ground truth" in shape.error_lines()[0]
     nowhere = run_cli("evaluate", "--pred", tmp_path / "nope", "--gt", tmp_path / "gt")
     assert nowhere.code == 2

@@ -142,6 +142,7 @@ def test_segment_writes_the_three_outputs_and_resumes(run_cli, tmp_path: Path, i
         features = json.loads((out / f"{stem}.geojson").read_text())["features"]
         assert len(features) == len(np.unique(labels)) - 1
     assert "segmented 2 image(s)" in result.out
+    assert torch.is_grad_enabled()  # the command leaves the process' autograd state alone
     again = run_cli("segment", str(images), "--input-mpp", "0.5", "--out", str(out))
     assert again.code == 0
     assert "2 already done" in again.out

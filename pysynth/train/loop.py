@@ -61,27 +61,43 @@ class ItemMaker:
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         """Arrays ``image`` (s, s, 3) uint8, ``detection``/``segmentation``/``weights`` (s, s) float32, ``labels``."""
+        arrays, _ = self.source(index)
+        # A per-sample loss weight travels with the item when its source gives one (importance weights); else 1.
+        return self.finish(index, arrays["image"], arrays["labels"], arrays.get("weight", 1.0))
+
+    def finish(self, index: int, image: np.ndarray, labels: np.ndarray, weight: float = 1.0) -> dict[str, np.ndarray]:
+        """Item ``index`` made from a given patch: its augmentation (from ``(seed, index)``) and targets.
+
+        Joint training calls this on the refined patch in place of the source's initial one.
+        """
         from pysynth.synth.store import item_rng
 
         c = self.config
-        arrays, _ = self.source(index)
         rng = item_rng(c.seed + 7_919, index)
-        image, labels, valid = augment(arrays["image"], arrays["labels"], rng, c.augment, c.crop)
-        if c.detection_target == "core":
-            det, seg = core_targets(labels, c.core_fraction)
-        else:
-            det, seg = make_targets(labels, centres_of(labels))
-        weights = border_weights(labels.shape, c.border, c.border_weight) * valid
-        # A per-sample loss weight travels with the item when its source gives one (importance weights); else 1.
-        sample_weight = np.float32(arrays.get("weight", 1.0))
+        image, labels, valid = augment(image, labels, rng, c.augment, c.crop)
+        det, seg, weights = item_targets(labels, valid, c)
         return {
             "image": image,
             "detection": det,
             "segmentation": seg,
             "weights": weights,
             "labels": labels,
-            "sample_weight": sample_weight,
+            "sample_weight": np.float32(weight),
         }
+
+
+def item_targets(
+    labels: np.ndarray, valid: np.ndarray | float, config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(detection, segmentation, pixel weights)`` of a patch's labels, float32 ``(s, s)`` each.
+
+    ``valid`` (1 where the pixels are real, 0 where padded) multiplies the border weights.
+    """
+    if config.detection_target == "core":
+        det, seg = core_targets(labels, config.core_fraction)
+    else:
+        det, seg = make_targets(labels, centres_of(labels))
+    return det, seg, border_weights(labels.shape, config.border, config.border_weight) * valid
 
 
 def make_source(
@@ -111,7 +127,8 @@ def make_source(
             epoch, k = divmod(i, n)
             order = np.random.default_rng([config.seed, epoch]).permutation(n)
             item = dataset[int(order[k])]
-            return {"image": item["image"], "labels": item["labels"]}, item["meta"]
+            # xy (patch and reference positions in the source tile) lets joint training crop the reference.
+            return {"image": item["image"], "labels": item["labels"], "xy": item["xy"]}, item["meta"]
 
         return from_dataset
     from pysynth.synth.generate import streaming_dataset
@@ -299,6 +316,8 @@ def train(
         optimiser.load_state_dict(state["optimiser"])
         step, wall, rows = int(state["step"]), float(state["wall_s"]), list(state["rows"])
         log.info("resuming at step %d of %d", step, config.steps)
+        if progress is not None:
+            progress(step, {})
     source = make_source(config, out_dir, real, synthetic, input_mpp)
     maker = ItemMaker(source, config)
 

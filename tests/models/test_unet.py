@@ -58,3 +58,20 @@ def test_config_validation() -> None:
         UNetConfig(depth=0)
     with pytest.raises(ValueError, match="channel"):
         UNetConfig(width=0)
+
+
+def test_folded_batchnorm_computes_the_same() -> None:
+    from pysynth.models.unet import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(width=4, depth=2, max_width=16))
+    model.train()
+    for _ in range(3):  # give BatchNorm non-trivial running statistics
+        model(torch.randn(2, 3, 32, 32) * 2 + 0.5)
+    model.eval()
+    fused = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    x = torch.randn(1, 3, 48, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-4)

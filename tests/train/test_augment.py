@@ -7,7 +7,7 @@ import pytest
 
 from pysynth.train.augment import AugmentConfig, augment, stain_jitter
 
-GEOMETRY_ONLY = AugmentConfig(stain_scale=0, stain_shift=0, blur_p=0, noise_p=0)
+GEOMETRY_ONLY = AugmentConfig(stain_scale=0, stain_shift=0, blur_p=0, noise_p=0, stretch_p=1.0)
 
 
 def _scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +48,9 @@ def test_geometry_keeps_labels_on_their_pixels(seed: int) -> None:
 
 def test_padding_is_marked_invalid() -> None:
     image, labels = _scene(np.random.default_rng(0))
-    cfg = AugmentConfig(scale=(0.5, 0.5), flips=False, rot90=False, stain_scale=0, stain_shift=0, blur_p=0, noise_p=0)
+    cfg = AugmentConfig(
+        scale=(0.5, 0.5), flips=False, rot90=False, stain_scale=0, stain_shift=0, blur_p=0, noise_p=0, stretch_p=0
+    )
     _out, lab, valid = augment(image, labels, np.random.default_rng(0), cfg, 96)
     assert valid[:60, :50].all()
     assert not valid[70:].any()
@@ -67,3 +69,24 @@ def test_same_generator_same_result_and_config_checks() -> None:
         AugmentConfig(scale=(1.2, 0.8))
     with pytest.raises(ValueError, match="unknown"):
         AugmentConfig.from_dict({"hue": 0.1})
+
+
+def test_stretch_elongates_round_nuclei_and_keeps_their_area() -> None:
+    labels = np.zeros((160, 160), np.int32)
+    yy, xx = np.mgrid[:160, :160]
+    labels[(yy - 80) ** 2 + (xx - 80) ** 2 <= 15**2] = 1
+    image = np.where(labels[..., None] > 0, 60, 230).astype(np.uint8).repeat(3, axis=2)
+    cfg = AugmentConfig(
+        scale=(1.0, 1.0), flips=False, rot90=False, stain_scale=0, stain_shift=0, blur_p=0, noise_p=0,
+        stretch_p=1.0, stretch=3.0,
+    )  # fmt: skip
+    ratios = []
+    for seed in range(8):
+        _, lab, _ = augment(image, labels, np.random.default_rng(seed), cfg, 160)
+        ys, xs = np.nonzero(lab == 1)
+        assert abs(len(ys) - (labels == 1).sum()) < 0.08 * (labels == 1).sum()  # area kept
+        eig = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(float)))
+        ratios.append(np.sqrt(eig[1] / eig[0]))
+    assert max(ratios) > 1.3  # some draws elongate clearly
+    assert min(ratios) < max(ratios)
+    assert all(r < 3.2 for r in ratios)  # never beyond the configured ratio
