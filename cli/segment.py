@@ -121,8 +121,8 @@ def segment_command(
         write_outputs(out, stem, rgb, labels)
         done += 1
         nuclei += int(labels.max())
-        pixels += labels.size
-    rate = f", {pixels / seconds / 1e6:.2f} Mpx/s (input pixels)" if seconds > 0 else ""
+        pixels += labels.size * (mpp / info.mpp) ** 2  # pixels the network saw, at the model's resolution
+    rate = f", {pixels / seconds / 1e6:.2f} Mpx/s at {info.mpp:g} µm/px" if seconds > 0 else ""
     click.echo(
         f"segmented {done} image(s), {nuclei} nuclei{rate}"
         + (f"; {skipped} already done" if skipped else "")

@@ -36,6 +36,16 @@ from pysynth.cli._options import input_mpp_option, out_option, seed_option, setu
     help="YAML (or JSON) of training parameters, nested as in the config.yaml a run writes; flags win over it.",
 )
 @click.option(
+    "--gan",
+    is_flag=True,
+    help="The full method: reference-conditioned refiner, discriminator and importance-weighted segmenter, "
+    "trained together (parameters under `joint:` in --config).",
+)
+@click.option("--no-refiner", is_flag=True, help="With --gan: segment the initial synthetic patches (ablation).")
+@click.option("--no-reference", is_flag=True, help="With --gan: refiner and discriminator ignore the reference.")
+@click.option("--no-importance", is_flag=True, help="With --gan: all importance weights 1 (ablation).")
+@click.option("--no-hard", is_flag=True, help="With --gan: no hard-example term in the refiner's loss (ablation).")
+@click.option(
     "--device",
     default="auto",
     show_default=True,
@@ -51,10 +61,19 @@ def train_command(
     batch: int | None,
     seed: int,
     config_file: str | None,
+    gan: bool,
+    no_refiner: bool,
+    no_reference: bool,
+    no_importance: bool,
+    no_hard: bool,
     device: str,
     overwrite: bool,
 ) -> int:
     """Train a segmenter on synthetic patches; resumes where an interrupted run in --out stopped.
+
+    With --gan the full method trains three networks together (refiner, discriminator, segmenter weighted by the
+    discriminator's importance weights) and also writes refiner.pt, discriminator.pt, joint.yaml,
+    refined_grid.png and weight_histogram.png. It is opt-in until the ablation shows it helps.
 
     Writes to --out: config.yaml (every parameter), checkpoint.pt, losses.csv, loss_curve.png, snapshots/, and
     at the end model.pt + model.json (with post-processing thresholds chosen on held-out synthetic patches), the
@@ -68,18 +87,27 @@ def train_command(
     from pysynth.segment import resolve_device
     from pysynth.sources import InputError
     from pysynth.train.config import TrainConfig, load_config_file
+    from pysynth.train.joint import JointConfig, train_joint
     from pysynth.train.loop import train
 
     setup_logging()
     if bool(reals) == bool(synthetic):
         raise click.UsageError("give either --real sources or --synthetic DATASET (one of the two)")
     values = load_config_file(config_file) if config_file else {}
+    joint_values = values.pop("joint", None) or {}
+    ablations = {"refiner": no_refiner, "reference": no_reference, "importance": no_importance, "hard": no_hard}
+    if any(ablations.values()) and not gan:
+        raise click.UsageError("--no-refiner, --no-reference, --no-importance and --no-hard go with --gan")
+    if joint_values and not gan:
+        raise click.UsageError(f"{config_file} has a `joint:` section: add --gan to train the full method")
+    joint_values.update({k: False for k, off in ablations.items() if off})
     for key, value in (("steps", steps), ("batch", batch)):
         if value is not None:
             values[key] = value
     values["seed"] = seed
     try:
         config = TrainConfig.from_dict(values)
+        joint = JointConfig.from_dict(joint_values) if gan else None
     except (TypeError, ValueError) as exc:
         raise InputError(f"{config_file or 'training configuration'}: {exc}") from None
     dev = resolve_device(device)
@@ -100,7 +128,8 @@ def train_command(
         bar.refresh()
 
     try:
-        summary = train(
+        run = train if joint is None else lambda c, o, **kw: train_joint(c, joint, o, **kw)
+        summary = run(
             config,
             out,
             real=real_paths,

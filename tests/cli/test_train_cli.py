@@ -71,3 +71,30 @@ def test_usage_errors(run_cli, tmp_path: Path, sample_slide: Path) -> None:
     for result in (neither, both, missing, bad_key, bad_value, not_data):
         assert "Traceback" not in result.err
         assert len(result.error_lines()) == 1
+
+
+def test_gan_run_from_the_command_line(run_cli, tmp_path: Path, tissue_rgb: np.ndarray) -> None:
+    real = tmp_path / "real.png"
+    cv2.imwrite(str(real), cv2.cvtColor(tissue_rgb, cv2.COLOR_RGB2BGR))
+    joint = {
+        "gan": {"style_dim": 8, "style_channels": 4, "refiner_channels": 4, "refiner_blocks": 1,
+                "disc_channels": 4, "disc_max_channels": 8, "disc_layers": 3},
+        "seg_warmup": 1, "d_warmup": 1, "g_every": 1, "d_every": 2, "history": 4, "preview": 2,
+    }  # fmt: skip
+    (tmp_path / "gan.yaml").write_text(yaml.safe_dump({**TINY, "val_patches": 3, "joint": joint}))
+    model = tmp_path / "model"
+    args = ["train", "--real", str(real), "--input-mpp", "0.5", "--out", str(model), "--steps", "4"]
+    result = run_cli(*args, "--config", str(tmp_path / "gan.yaml"), "--gan", "--no-hard")
+    assert result.code == 0, result.err
+    assert "trained 4 steps" in result.out
+    for name in ("model.pt", "refiner.pt", "discriminator.pt", "refined_grid.png", "weight_histogram.png"):
+        assert (model / name).is_file(), name
+    assert yaml.safe_load((model / "joint.yaml").read_text())["hard"] is False
+    plain = run_cli("train", "--real", str(real), "--out", str(tmp_path / "p"), "--no-importance")
+    assert plain.code == 2
+    assert "go with --gan" in plain.err
+    section = run_cli(
+        "train", "--real", str(real), "--out", str(tmp_path / "p"), "--config", str(tmp_path / "gan.yaml")
+    )
+    assert section.code == 2
+    assert "add --gan" in section.err
