@@ -18,7 +18,6 @@ a run stopped at any moment resumes to the same weights.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
@@ -49,14 +48,15 @@ from pysynth.train.loop import (
     ItemMaker,
     _atomic_torch_save,
     _batch_tensors,
-    _flatten,
     _lr_at,
-    _plot_losses,
     _StopAtStepEnd,
     choose_thresholds,
+    claim_run,
     item_targets,
+    load_checkpoint,
     make_source,
     predict_batch,
+    write_losses,
 )
 from pysynth.train.targets import two_head_loss
 
@@ -349,48 +349,14 @@ def _frozen(*modules: torch.nn.Module | None) -> Iterator[None]:
 # --- run folder and checkpoint --------------------------------------------------------------------------------
 
 
-def _claim_run(out_dir: Path, files: dict[str, str], overwrite: bool) -> None:
-    """Refuse a folder that holds a run with other settings (unless ``overwrite``); write the resolved configs."""
-    import yaml
-
-    if not overwrite:
-        for name, resolved in files.items():
-            path = out_dir / name
-            if path.exists() and path.read_text() != resolved:
-                old, new = _flatten(yaml.safe_load(path.read_text()) or {}), _flatten(yaml.safe_load(resolved))
-                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                raise PysynthError(
-                    f"{out_dir}: holds a training run with other settings ({', '.join(changed) or name}); "
-                    "use another --out or --overwrite"
-                )
-    else:
-        for stale in (CHECKPOINT, "losses.csv", REFINER, DISCRIMINATOR, GRID, HISTOGRAM):
-            (out_dir / stale).unlink(missing_ok=True)
-    for name, resolved in files.items():
-        atomic_write_text(out_dir / name, resolved)
-
-
 def _load_checkpoint(path: Path, nets: dict[str, Any], history: HistoryBuffer | None) -> dict[str, Any]:
     """Restore networks and optimisers in place; returns the loop's counters.
 
     Raises:
         PysynthError: If the file is unreadable, not a joint-training checkpoint, or does not fit the networks.
     """
-    import pickle
-
     advice = "delete it or train with --overwrite"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise PysynthError(f"{path}: corrupt or unreadable checkpoint ({first}); {advice}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        kind = "a plain segmenter training" if isinstance(state, dict) and "model" in state else "an unknown"
-        raise PysynthError(f"{path}: {kind} checkpoint, not one of joint training; {advice}")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise PysynthError(
-            f"{path}: checkpoint version {state.get('version')}, this pysynth reads {CHECKPOINT_VERSION}"
-        )
+    state = load_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     try:
         for name, module in nets.items():
             if (module is None) != (state.get(name) is None):
@@ -405,17 +371,6 @@ def _load_checkpoint(path: Path, nets: dict[str, Any], history: HistoryBuffer | 
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise PysynthError(f"{path}: checkpoint does not fit this configuration ({first}); {advice}") from None
-
-
-def _write_losses(out_dir: Path, rows: list[dict[str, float]]) -> None:
-    part = out_dir / "losses.csv.part"
-    with part.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    part.replace(out_dir / "losses.csv")
-    if rows:
-        _plot_losses(rows, out_dir / "loss_curve.png")
 
 
 def _save_gan(path: Path, module: Refiner | Discriminator) -> None:
@@ -495,7 +450,12 @@ def train_joint(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _claim_run(out_dir, {"config.yaml": dump_config(config), JOINT_CONFIG: dump_joint_config(joint)}, overwrite)
+    claim_run(
+        out_dir,
+        {"config.yaml": dump_config(config), JOINT_CONFIG: dump_joint_config(joint)},
+        overwrite,
+        stale=(REFINER, DISCRIMINATOR, GRID, HISTOGRAM),
+    )
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -534,7 +494,7 @@ def train_joint(
         state.update({k: None if v is None else v.state_dict() for k, v in nets.items()})
         state["history"] = None if history is None else history.state_dict()
         _atomic_torch_save(state, checkpoint_path)
-        _write_losses(out_dir, run["rows"])
+        write_losses(out_dir, run["rows"], COLUMNS)
 
     def refine(images: torch.Tensor, refs: torch.Tensor | None) -> torch.Tensor:
         assert refiner is not None

@@ -34,6 +34,9 @@ from pysynth.train.targets import border_weights, core_targets, make_targets, tw
 log = logging.getLogger("pysynth")
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "pysynth-segmenter-checkpoint"
+CHECKPOINT_VERSION = 1
+LOSS_COLUMNS = ("step", "loss", "bce_detection", "bce_segmentation", "lr", "wall_s")
 SNAPSHOTS = "snapshots"
 WORK = "work"
 #: Validation items come from their own stream, far from any training index.
@@ -146,6 +149,71 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def claim_run(out_dir: Path, files: dict[str, str], overwrite: bool, stale: Sequence[str] = ()) -> None:
+    """Refuse a folder that holds a run with other settings (unless ``overwrite``); write the resolved configs.
+
+    Args:
+        out_dir: The run folder.
+        files: ``{file name: resolved YAML}`` that define the run.
+        overwrite: Start afresh: delete ``stale`` files (the checkpoint and losses always) instead of refusing.
+        stale: Further outputs of an earlier run to delete on ``overwrite``.
+
+    Raises:
+        PysynthError: If a file differs and ``overwrite`` is off; the message lists the changed keys.
+    """
+    import yaml
+
+    if not overwrite:
+        for name, resolved in files.items():
+            path = out_dir / name
+            if path.exists() and path.read_text() != resolved:
+                old, new = _flatten(yaml.safe_load(path.read_text()) or {}), _flatten(yaml.safe_load(resolved))
+                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise PysynthError(
+                    f"{out_dir}: holds a training run with other settings ({', '.join(changed) or name}); "
+                    "use another --out or --overwrite"
+                )
+    else:
+        for name in (CHECKPOINT, "losses.csv", *stale):
+            (out_dir / name).unlink(missing_ok=True)
+    for name, resolved in files.items():
+        atomic_write_text(out_dir / name, resolved)
+
+
+def load_checkpoint(path: Path, fmt: str, version: int) -> dict[str, Any]:
+    """A checkpoint's state (tensors and plain data only: nothing in it is executed).
+
+    Raises:
+        PysynthError: If the file is unreadable, of another kind of run, or of another version.
+    """
+    import pickle
+
+    advice = "delete it or train with --overwrite"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PysynthError(f"{path}: corrupt or unreadable checkpoint ({first}); {advice}") from None
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        kind = state.get("format", "an unknown kind") if isinstance(state, dict) else "an unknown kind"
+        raise PysynthError(f"{path}: checkpoint of {kind}, not {fmt}; {advice}")
+    if state.get("version") != version:
+        raise PysynthError(f"{path}: checkpoint version {state.get('version')}, this pysynth reads {version}")
+    return state
+
+
+def write_losses(out_dir: Path, rows: list[dict[str, float]], columns: Sequence[str]) -> None:
+    """``losses.csv`` (replaced whole) and ``loss_curve.png`` from the logged rows."""
+    part = out_dir / "losses.csv.part"
+    with part.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+    part.replace(out_dir / "losses.csv")
+    if rows:
+        _plot_losses(rows, out_dir / "loss_curve.png")
 
 
 def _lr_at(step: int, config: TrainConfig) -> float:
@@ -286,22 +354,8 @@ def train(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = dump_config(config)
-    config_path, checkpoint_path = out_dir / "config.yaml", out_dir / CHECKPOINT
-    if config_path.exists() and not overwrite:
-        if config_path.read_text() != resolved:
-            import yaml
-
-            old, new = _flatten(yaml.safe_load(config_path.read_text()) or {}), _flatten(yaml.safe_load(resolved))
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise PysynthError(
-                f"{out_dir}: holds a training run with other settings ({', '.join(changed) or 'config'}); "
-                "use another --out or --overwrite"
-            )
-    elif overwrite:
-        for stale in (checkpoint_path, out_dir / "losses.csv"):
-            stale.unlink(missing_ok=True)
-    atomic_write_text(config_path, resolved)
+    checkpoint_path = out_dir / CHECKPOINT
+    claim_run(out_dir, {"config.yaml": dump_config(config)}, overwrite)
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -311,9 +365,13 @@ def train(
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step, wall, rows = 0, 0.0, []
     if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
+        state = load_checkpoint(checkpoint_path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+        try:
+            model.load_state_dict(state["model"])
+            optimiser.load_state_dict(state["optimiser"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise PysynthError(f"{checkpoint_path}: does not fit this model ({first}); use --overwrite") from None
         step, wall, rows = int(state["step"]), float(state["wall_s"]), list(state["rows"])
         log.info("resuming at step %d of %d", step, config.steps)
         if progress is not None:
@@ -325,23 +383,10 @@ def train(
         return [maker(t * config.batch + k) for k in range(config.batch)]
 
     def save_checkpoint() -> None:
-        _atomic_torch_save(
-            {
-                "model": model.state_dict(),
-                "optimiser": optimiser.state_dict(),
-                "step": step,
-                "wall_s": wall,
-                "rows": rows,
-            },
-            checkpoint_path,
-        )
-        with (out_dir / "losses.csv.part").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, ["step", "loss", "bce_detection", "bce_segmentation", "lr", "wall_s"])
-            writer.writeheader()
-            writer.writerows(rows)
-        (out_dir / "losses.csv.part").replace(out_dir / "losses.csv")
-        if rows:
-            _plot_losses(rows, out_dir / "loss_curve.png")
+        state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "wall_s": wall}
+        state.update({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "rows": rows})
+        _atomic_torch_save(state, checkpoint_path)
+        write_losses(out_dir, rows, LOSS_COLUMNS)
 
     model.train()
     with _StopAtStepEnd() as stop, ThreadPoolExecutor(1) as pool:  # the next batch is made while this one trains

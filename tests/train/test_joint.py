@@ -225,7 +225,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path: Path, dataset: Path) -> Non
 
     plain = tmp_path / "plain"
     train(_config(steps=1), plain, synthetic=dataset)
-    with pytest.raises(PysynthError, match="plain segmenter training checkpoint"):
+    with pytest.raises(PysynthError, match="checkpoint of pysynth-segmenter-checkpoint, not pysynth-joint"):
         train_joint(_config(steps=1), _joint(), plain, synthetic=dataset)
 
     joint_dir = tmp_path / "joint"

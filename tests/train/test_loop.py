@@ -167,3 +167,14 @@ def test_ctrl_c_stops_after_the_step_and_saves_it(tmp_path: Path, real_png: Path
     train(config, tmp_path / "m", real=[real_png], input_mpp=0.25)
     train(config, tmp_path / "straight", real=[real_png], input_mpp=0.25)
     assert _same(_weights(tmp_path / "m"), _weights(tmp_path / "straight"))
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_one_clear_error(tmp_path: Path, real_png: Path) -> None:
+    config = TrainConfig.from_dict(TINY)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(PysynthError, match="corrupt or unreadable checkpoint"):
+        train(config, tmp_path / "m", real=[real_png], input_mpp=0.25)
+    torch.save({"format": "pysynth-joint-checkpoint", "version": 1}, tmp_path / "m" / "checkpoint.pt")
+    with pytest.raises(PysynthError, match="not pysynth-segmenter-checkpoint"):
+        train(config, tmp_path / "m", real=[real_png], input_mpp=0.25)
