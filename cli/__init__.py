@@ -9,6 +9,7 @@ import click
 from pysynth import __version__
 from pysynth.cli.bench import bench_command
 from pysynth.cli.evaluate import evaluate_command
+from pysynth.cli.infer import infer_command
 from pysynth.cli.sample import sample_command
 from pysynth.cli.segment import segment_command
 from pysynth.cli.synthesize import synthesize_command
@@ -34,6 +35,7 @@ def cli() -> None:
 
 cli.add_command(bench_command)
 cli.add_command(evaluate_command)
+cli.add_command(infer_command)
 cli.add_command(sample_command)
 cli.add_command(segment_command)
 cli.add_command(synthesize_command)

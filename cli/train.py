@@ -36,6 +36,14 @@ from pysynth.cli._options import input_mpp_option, out_option, seed_option, setu
     help="YAML (or JSON) of training parameters, nested as in the config.yaml a run writes; flags win over it.",
 )
 @click.option(
+    "--init",
+    "init_model",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    metavar="MODEL",
+    help="Start the segmenter from this model folder's weights (fine-tuning) [config: random initialisation].",
+)
+@click.option(
     "--gan",
     is_flag=True,
     help="The full method: reference-conditioned refiner, discriminator and importance-weighted segmenter, "
@@ -61,6 +69,7 @@ def train_command(
     batch: int | None,
     seed: int,
     config_file: str | None,
+    init_model: str | None,
     gan: bool,
     no_refiner: bool,
     no_reference: bool,
@@ -105,6 +114,11 @@ def train_command(
         if value is not None:
             values[key] = value
     values["seed"] = seed
+    if init_model is not None:
+        from pysynth.models.io import read_model_info
+
+        read_model_info(init_model)  # a folder that is not a model fails here, before anything is written
+        values["init"] = init_model
     try:
         config = TrainConfig.from_dict(values)
         joint = JointConfig.from_dict(joint_values) if gan else None

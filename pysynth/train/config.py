@@ -42,6 +42,9 @@ class TrainConfig:
         snapshot_every: Steps between kept weight snapshots (0: none); for learning curves.
         val_patches: Held-out synthetic patches on which post-processing thresholds are chosen.
         threads: Torch intra-op threads (0: torch's default).
+        init: A model folder (``model.pt`` + ``model.json`` of the same shape) whose weights the segmenter starts
+            from instead of a random initialisation: fine-tuning, e.g. on a new tissue type or with the full
+            method from a plainly trained model. Empty: random initialisation.
     """
 
     model: UNetConfig = field(default_factory=lambda: UNetConfig(width=8, depth=4, max_width=128))
@@ -63,6 +66,7 @@ class TrainConfig:
     snapshot_every: int = 500
     val_patches: int = 96
     threads: int = 0
+    init: str = ""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -84,6 +88,8 @@ class TrainConfig:
             bad("core_fraction", "must be in (0, 1]")
         if not 0 <= self.border_weight <= 1:
             bad("border_weight", "must be in [0, 1]")
+        if not isinstance(self.init, str):
+            bad("init", "must be a model folder (a string) or empty")
 
     def to_dict(self) -> dict:
         """JSON/YAML-able form, nested by part."""

@@ -52,6 +52,7 @@ from pysynth.train.loop import (
     _StopAtStepEnd,
     choose_thresholds,
     claim_run,
+    init_segmenter,
     item_targets,
     load_checkpoint,
     make_source,
@@ -462,6 +463,7 @@ def train_joint(
     device = torch.device(device)
     # The segmenter first, so that its initial weights are those of plain training with the same seed.
     segmenter = UNet(config.model).to(device, memory_format=torch.channels_last)
+    init_segmenter(segmenter, config)
     seg_opt = torch.optim.AdamW(segmenter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     refiner = Refiner(joint.gan).to(device, memory_format=torch.channels_last) if joint.refiner else None
     disc = Discriminator(joint.gan).to(device, memory_format=torch.channels_last) if joint.uses_discriminator else None

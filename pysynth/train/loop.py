@@ -328,6 +328,25 @@ def _plot_losses(rows: list[dict[str, float]], path: Path) -> None:
     atomic_write_bytes(path, cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes())
 
 
+def init_segmenter(model: UNet, config: TrainConfig) -> None:
+    """Load the weights of ``config.init`` (a model folder) into ``model``; nothing when it is empty.
+
+    Raises:
+        PysynthError: If the folder is not a model, or its network has another shape than ``config.model``.
+    """
+    if not config.init:
+        return
+    from pysynth.models.io import load_model
+
+    start, info = load_model(config.init)
+    if info.unet != config.model:
+        raise PysynthError(
+            f"{config.init}: its network ({info.unet}) is not the one configured for training ({config.model}); "
+            "set model: in the config to match it"
+        )
+    model.load_state_dict(start.state_dict())
+
+
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -362,6 +381,7 @@ def train(
     torch.manual_seed(config.seed)
     device = torch.device(device)
     model = UNet(config.model).to(device, memory_format=torch.channels_last)
+    init_segmenter(model, config)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step, wall, rows = 0, 0.0, []
     if checkpoint_path.exists():

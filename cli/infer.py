@@ -1,0 +1,182 @@
+"""``pysynth infer``: every nucleus of whole slides, as QuPath GeoJSON, CSV polygons, a summary and an overlay."""
+
+from __future__ import annotations
+
+import click
+
+from pysynth.cli._options import input_mpp_option, out_option, setup_logging
+
+
+@click.command("infer")
+@click.argument("slides", nargs=-1, required=True, metavar="SLIDES...")
+@out_option
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Model folder from `pysynth train` [default: the model shipped with pysynth].",
+)
+@input_mpp_option
+@click.option(
+    "--normalise",
+    type=click.Choice(["reinhard", "macenko", "none"]),
+    default="reinhard",
+    show_default=True,
+    help="Colour normalisation to the model's reference, fitted once per slide on its tissue.",
+)
+@click.option("--core", type=click.IntRange(min=64), default=2048, show_default=True, help="Region side (model px).")
+@click.option(
+    "--margin", type=click.IntRange(min=0), default=128, show_default=True, help="Context around each region (px)."
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where the network runs: auto (a CUDA GPU if present), cpu, cuda, cuda:1, ...",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="Network arithmetic: auto = fp16 on a GPU, fp32 on the CPU.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Slides processed at once, each in its own process with cores/N threads. Results do not depend on it.",
+)
+@click.option("--overwrite", is_flag=True, help="Redo slides that are finished, or made with another model.")
+def infer_command(
+    slides: tuple[str, ...],
+    out_dir: str,
+    model_dir: str | None,
+    input_mpp: float | None,
+    normalise: str,
+    core: int,
+    margin: int,
+    device: str,
+    precision: str,
+    workers: int,
+    overwrite: bool,
+) -> int:
+    """Segment every nucleus of whole slides (and images) into --out/<slide>/.
+
+    Per slide: nuclei.geojson (QuPath detections: polygons in level-0 pixels, area, perimeter, centroid, mean
+    haematoxylin), csv/ (polygons per region: AreaInPixels,PhysicalSize,Polygon), overlay.png and
+    summary.json. Interrupted runs resume (finished slides are skipped, finished regions kept); Ctrl-C once
+    stops after the current region.
+    """
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from pysynth.errors import PysynthError, SlideError
+    from pysynth.fsutil import atomic_write_text, prepare_output_dir
+    from pysynth.infer import InferConfig, _cached_model, infer_slide, model_digest, run_slide
+    from pysynth.io import open_slide
+    from pysynth.models.io import default_model_dir, read_model_info
+    from pysynth.segment import resolve_device
+    from pysynth.sources import collect_sources, unique_names
+    from pysynth.train.loop import _StopAtStepEnd
+
+    setup_logging()
+    paths = collect_sources(slides)
+    folder = Path(default_model_dir() if model_dir is None else model_dir)
+    read_model_info(folder)  # a folder that is not a model fails here, before anything is written
+    dev = resolve_device(device)
+    if precision == "auto":
+        precision = "fp16" if dev.type == "cuda" else "fp32"
+    if precision == "fp16" and dev.type != "cuda":
+        raise click.UsageError("--precision fp16 needs a GPU (--device cuda)")
+    config = InferConfig(core=core, margin=margin, normalise=normalise, precision=precision)
+    out = prepare_output_dir(out_dir)
+    stems = unique_names(paths)
+    records: list[dict] = []
+    started = time.perf_counter()
+
+    if workers == 1:
+        model, info = _cached_model(str(folder))
+        model = model.to(dev)
+        model_id = model_digest(folder)
+        overall = tqdm(total=len(paths), desc="slides", unit="slide", dynamic_ncols=True, position=0)
+        with _StopAtStepEnd() as stop:
+            for path, stem in zip(paths, stems, strict=True):
+                bar = tqdm(desc=stem[:24], unit="region", dynamic_ncols=True, position=1, leave=False)
+
+                def progress(done: int, total: int, nuclei: int, bar: tqdm = bar) -> None:
+                    bar.total = total
+                    bar.n = done
+                    bar.set_postfix(nuclei=nuclei, refresh=False)
+                    bar.refresh()
+
+                try:
+                    with open_slide(path, input_mpp) as reader:
+                        result = infer_slide(
+                            reader, model, info, out / stem, config=config, model_id=model_id,
+                            overwrite=overwrite, progress=progress, stop=lambda: stop.requested,
+                        )  # fmt: skip
+                    record = {**result.__dict__, "slide": str(path), "status": "skipped" if result.skipped else "done"}
+                except SlideError as exc:
+                    record = {"slide": str(path), "status": "failed", "error": str(exc)}
+                except PysynthError as exc:
+                    record = {"slide": str(path), "status": "failed", "error": f"{path}: {exc}"}
+                except OSError as exc:
+                    where = f"{exc.filename}: " if exc.filename else ""
+                    record = {"slide": str(path), "status": "failed", "error": f"{path}: {where}{exc.strerror or exc}"}
+                finally:
+                    bar.close()
+                records.append(record)
+                overall.update(1)
+                if record["status"] == "failed":
+                    tqdm.write(f"error: {record['error']}")
+        overall.close()
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        kwargs = {
+            "model_dir": str(folder),
+            "input_mpp": input_mpp,
+            "device": device,
+            "config": config,
+            "overwrite": overwrite,
+            "threads": threads,
+        }
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [
+                pool.submit(run_slide, str(path), str(out), stem=stem, **kwargs)
+                for path, stem in zip(paths, stems, strict=True)
+            ]
+            for future in tqdm(futures, desc="slides", unit="slide", dynamic_ncols=True):
+                record = future.result()
+                records.append(record)
+                if record["status"] == "failed":
+                    tqdm.write(f"error: {record['error']}")
+
+    wall = time.perf_counter() - started
+    failed = [r for r in records if r["status"] == "failed"]
+    run = {"model": str(folder), "wall_s": round(wall, 2), "slides": records}
+    atomic_write_text(out / "run.json", json.dumps(run, indent=1, default=str))
+    click.echo(f"{'slide':32s} {'status':8s} {'nuclei':>9s} {'regions':>8s} {'Mpx/s':>7s} {'time':>8s}")
+    for r in records:
+        if r["status"] == "failed":
+            click.echo(f"{Path(r['slide']).name[:32]:32s} failed")
+            continue
+        rate = f"{r['pixels'] / r['seconds'] / 1e6:7.2f}" if r.get("seconds") else f"{'':7s}"
+        time_s = f"{r['seconds']:7.1f}s" if r.get("seconds") else f"{'':8s}"
+        click.echo(
+            f"{Path(r['slide']).name[:32]:32s} {r['status']:8s} {r['nuclei']:9d} {r['regions']:8d} {rate} {time_s}"
+        )
+    click.echo(f"{len(records) - len(failed)} of {len(records)} slide(s) done in {wall:.1f} s; results in {out}")
+    for r in failed:
+        click.echo(f"error: {r['error']}", err=True)
+    return 1 if failed else 0

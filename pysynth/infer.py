@@ -1,0 +1,685 @@
+"""Whole-slide inference: every nucleus of a slide, found once and whole, in bounded memory, resumable.
+
+The slide is cut, at the model's resolution, into square *regions* (``core`` px) on a fixed grid; regions without
+tissue are skipped. Each region is read with a ``margin`` of context on every side (resampled from the best
+pyramid level by :func:`pysynth.io.read_region`), colour-normalised with statistics fitted once per slide, passed
+through the network in one piece and turned into instances. A nucleus belongs to the region whose core holds its
+centroid: nuclei near a core's edge are seen whole thanks to the margin, and exactly one region keeps each of them,
+so there are neither split nor duplicated nuclei at region borders and no global label image is ever built.
+
+Each finished region is written at once (atomically) to ``OUT/<stem>/.parts/``; an interrupted run continues from
+the regions it has, and since a region's result depends only on the slide, the model and these settings, the
+result is the same as an uninterrupted run's. When all regions are done the parts are streamed into
+``nuclei.geojson`` (QuPath detections with measurements, level-0 coordinates), ``csv/`` (one CSV of polygons per
+region, the format of the method's released code), ``overlay.png`` and, last, ``summary.json``, whose presence marks
+a finished slide. Memory is bounded by one region's working set, whatever the slide's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from pysynth.errors import PysynthError
+from pysynth.fsutil import atomic_write_bytes, atomic_write_text
+from pysynth.instances import InstanceConfig, instances_from_maps, trace_contours
+from pysynth.io import SlideReader, compute_tissue_mask, read_region, read_thumbnail
+from pysynth.io.tissue import TissueMask
+from pysynth.models.io import ModelInfo
+from pysynth.models.unet import UNet
+from pysynth.segment import predict_maps
+
+log = logging.getLogger(__name__)
+
+PARTS = ".parts"
+SETTINGS = "settings.json"
+SUMMARY = "summary.json"
+GEOJSON = "nuclei.geojson"
+OVERLAY = "overlay.png"
+CSV_DIR = "csv"
+
+#: Reinhard target: mean and standard deviation of L*a*b* (OpenCV float scale: L 0..100) over the tissue pixels of
+#: the shipped model's training sources (30 MoNuSeg tiles and 8 tiles of the bundled slide).
+REFERENCE_LAB = ((47.938, 27.130, -12.276), (19.987, 10.486, 8.579))
+
+#: Macenko target: stain vectors (columns H, E, in optical density) and the 99th percentile of their concentrations
+#: (the reference values of Macenko et al.'s widely used implementation).
+REFERENCE_HE = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]], np.float64)
+REFERENCE_MAX_C = np.array([1.9705, 1.0308], np.float64)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """How a slide is cut up and processed (part of a run's identity: a change restarts unfinished slides).
+
+    Attributes:
+        core: Side of the regions that own nuclei, in pixels at the model's resolution.
+        margin: Context read around each region's core, in pixels at the model's resolution. It must exceed the
+            largest nucleus' radius (nuclei are owned by their centroid) and be wide enough that the network's
+            output near the core's edge does not depend on what lies beyond the margin.
+        normalise: ``"reinhard"`` (L*a*b* mean and deviation of the slide's tissue to the model's reference),
+            ``"macenko"`` (stain vectors and concentrations to the reference) or ``"none"``.
+        precision: Network arithmetic: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU).
+        min_tissue: A region is processed when the tissue fraction of its core exceeds this.
+        overlay_mpp: Resolution of ``overlay.png`` (coarsened further for slides above 8,000 px at it).
+    """
+
+    core: int = 2048
+    margin: int = 128
+    normalise: str = "reinhard"
+    precision: str = "fp32"
+    min_tissue: float = 0.0
+    overlay_mpp: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.core < 64 or self.margin < 0:
+            raise ValueError(f"core must be >= 64 and margin >= 0, got {self.core}, {self.margin}")
+        if self.normalise not in ("reinhard", "macenko", "none"):
+            raise ValueError(f"normalise must be reinhard, macenko or none, got {self.normalise!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+# --- colour normalisation ---------------------------------------------------------------------------------------
+
+
+def _tissue_pixels(rgb: np.ndarray) -> np.ndarray:
+    od = -np.log((rgb.reshape(-1, 3).astype(np.float32) + 1.0) / 256.0)
+    return od.sum(axis=1) > 0.3
+
+
+@dataclass(frozen=True)
+class ColourModel:
+    """A per-slide colour normalisation, fitted once on tissue and applied to every region."""
+
+    method: str
+    params: dict[str, list[float] | list[list[float]]] = field(default_factory=dict)
+
+    def apply(self, rgb: np.ndarray) -> np.ndarray:
+        """The region in the reference's colours (uint8 RGB)."""
+        if self.method == "none":
+            return rgb
+        if self.method == "reinhard":
+            mean, std = np.array(self.params["mean"], np.float32), np.array(self.params["std"], np.float32)
+            t_mean, t_std = (np.array(v, np.float32) for v in REFERENCE_LAB)
+            lab = cv2.cvtColor(rgb.astype(np.float32) * (1 / 255), cv2.COLOR_RGB2LAB)
+            lab = (lab - mean) * (t_std / np.maximum(std, 1e-3)) + t_mean
+            out = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+            return np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8)
+        he, max_c = np.array(self.params["he"]), np.array(self.params["max_c"])
+        h, w = rgb.shape[:2]
+        od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1.0) / 256.0)
+        conc = np.linalg.lstsq(he, od.T, rcond=None)[0] * (REFERENCE_MAX_C / np.maximum(max_c, 1e-6))[:, None]
+        out = 256.0 * np.exp(-REFERENCE_HE @ conc) - 1.0
+        return np.clip(out.T.reshape(h, w, 3) + 0.5, 0, 255).astype(np.uint8)
+
+
+def fit_colour(samples: list[np.ndarray], method: str) -> ColourModel:
+    """Fit a normalisation on tissue pixels of sample regions (RGB uint8 at any size).
+
+    Falls back to ``"none"`` when the samples hold too little tissue to fit on (a logged note, not an error).
+    """
+    if method == "none":
+        return ColourModel("none")
+    pixels = [s.reshape(-1, 3)[_tissue_pixels(s)] for s in samples]
+    pixels = np.concatenate(pixels) if pixels else np.zeros((0, 3), np.uint8)
+    if len(pixels) < 1000:
+        log.info("too little tissue to fit %s normalisation on; colours left as they are", method)
+        return ColourModel("none")
+    if method == "reinhard":
+        lab = cv2.cvtColor(pixels[None].astype(np.float32) * (1 / 255), cv2.COLOR_RGB2LAB)[0]
+        return ColourModel("reinhard", {"mean": lab.mean(0).tolist(), "std": lab.std(0).tolist()})
+    # Macenko et al. 2009: the plane of the two largest principal directions of tissue OD, the extreme angles
+    # (1st and 99th percentile) as the stain vectors, haematoxylin first.
+    od = -np.log((pixels.astype(np.float64) + 1.0) / 256.0)
+    od = od[(od > 0.15).all(axis=1)]
+    if len(od) < 1000:
+        return ColourModel("none")
+    _, vectors = np.linalg.eigh(np.cov(od.T))
+    plane = vectors[:, 1:3]
+    proj = od @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, [1, 99])
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    he = np.array([v1, v2]).T if v1[0] > v2[0] else np.array([v2, v1]).T
+    he = he * np.sign(he.sum(axis=0, keepdims=True))
+    conc = np.linalg.lstsq(he, od.T, rcond=None)[0]
+    max_c = np.percentile(conc, 99, axis=1)
+    return ColourModel("macenko", {"he": he.tolist(), "max_c": max_c.tolist()})
+
+
+# --- regions ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Region:
+    """One region: its core in model pixels (``x``, ``y``, ``w``, ``h``) and its index in the slide's grid."""
+
+    index: int
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+def slide_extent(reader: SlideReader, mpp: float) -> tuple[int, int]:
+    """``(height, width)`` of the slide in pixels at ``mpp``."""
+    h0, w0 = reader.level_shapes_hw[0]
+    f = mpp / reader.mpp
+    return max(1, math.ceil(h0 / f - 1e-9)), max(1, math.ceil(w0 / f - 1e-9))
+
+
+def plan_regions(reader: SlideReader, mpp: float, config: InferConfig, tissue: TissueMask | None) -> list[Region]:
+    """The regions of a slide that hold tissue, in raster order (indices count every grid cell)."""
+    height, width = slide_extent(reader, mpp)
+    f = mpp / reader.mpp
+    regions, index = [], 0
+    for y in range(0, height, config.core):
+        for x in range(0, width, config.core):
+            w, h = min(config.core, width - x), min(config.core, height - y)
+            if tissue is None or float(tissue.region_fraction(x * f, y * f, w * f, h * f)) > config.min_tissue:
+                regions.append(Region(index, x, y, w, h))
+            index += 1
+    return regions
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage (summed over regions; stages overlap when pipelined)."""
+
+    read: float = 0.0
+    normalise: float = 0.0
+    network: float = 0.0
+    post: float = 0.0
+    write: float = 0.0
+
+
+def read_window(reader: SlideReader, region: Region, mpp: float, margin: int) -> np.ndarray:
+    """A region's core with ``margin`` px of context on every side, at ``mpp`` (outside the slide is white)."""
+    f = mpp / reader.mpp
+    shape = (region.h + 2 * margin, region.w + 2 * margin)
+    return read_region(reader, (region.x - margin) * f, (region.y - margin) * f, shape, mpp)
+
+
+def _ring_ok(ring: np.ndarray) -> np.ndarray:
+    """A simple (valid) polygon ring for QuPath.
+
+    The exact pixel-edge outline (its area is the nucleus' pixel count, and touching nuclei share edges without
+    overlapping), repaired by shapely where the outline touches itself at a corner. Outlines are not simplified:
+    simplifying each nucleus on its own lets touching neighbours overlap.
+    """
+    import shapely
+
+    if len(ring) < 3:
+        return np.zeros((0, 2))
+    poly = shapely.Polygon(ring)
+    if poly.is_valid:
+        return ring.astype(np.float64)
+    fixed = shapely.make_valid(poly)
+    polys = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type == "Polygon" and not g.is_empty]
+    if not polys:
+        return np.zeros((0, 2))
+    return np.asarray(max(polys, key=lambda g: g.area).exterior.coords)[:-1]
+
+
+def region_nuclei(
+    original: np.ndarray,
+    det: np.ndarray,
+    seg: np.ndarray,
+    region: Region,
+    margin: int,
+    instances: InstanceConfig,
+    mpp: float,
+    level0_per_px: float,
+    slide_hw: tuple[int, int],
+) -> list[dict[str, Any]]:
+    """The nuclei a region owns, with polygons in level-0 coordinates and measurements.
+
+    Args:
+        original: The window as read (measurements use the slide's own colours, not the normalised ones).
+        det: Detection probability map of the window.
+        seg: Segmentation probability map of the window.
+        region: The region.
+        margin: Context px on each side of the core.
+        instances: Post-processing settings.
+        mpp: The model's µm/px.
+        level0_per_px: Level-0 pixels per model pixel.
+        slide_hw: The slide's extent in model pixels (nuclei beyond it are dropped).
+    """
+    from pysynth.synth.deconv import rgb_to_hed
+
+    labels = instances_from_maps(det, seg, instances)
+    n = int(labels.max())
+    if n == 0:
+        return []
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    rows, cols = np.indices(labels.shape, dtype=np.float64)
+    cy = np.bincount(flat, weights=rows.ravel(), minlength=n + 1) / np.maximum(counts, 1) + 0.5
+    cx = np.bincount(flat, weights=cols.ravel(), minlength=n + 1) / np.maximum(counts, 1) + 0.5
+    hema = rgb_to_hed(original)[..., 0].astype(np.float64)
+    mean_h = np.bincount(flat, weights=hema.ravel(), minlength=n + 1) / np.maximum(counts, 1)
+    # Centroids in slide model pixels; a nucleus is this region's when its centroid lies in the core.
+    gx, gy = cx + region.x - margin, cy + region.y - margin
+    owned = (
+        (gx >= region.x) & (gx < region.x + region.w) & (gy >= region.y) & (gy < region.y + region.h)
+        & (gx < slide_hw[1]) & (gy < slide_hw[0])
+    )  # fmt: skip
+    owned[0] = False
+    rings = trace_contours(labels)
+    out = []
+    f = level0_per_px
+    for k in np.flatnonzero(owned):
+        ring = _ring_ok(rings[k - 1])
+        if len(ring) < 3:
+            continue
+        poly = (ring + np.array([region.x - margin, region.y - margin])) * f
+        closed = np.vstack([ring, ring[:1]])
+        perimeter = float(np.hypot(*np.diff(closed, axis=0).T).sum()) * mpp
+        out.append(
+            {
+                "polygon": np.round(poly, 2).tolist(),
+                "area_px": int(counts[k]),
+                "area_um2": round(float(counts[k]) * mpp * mpp, 3),
+                "perimeter_um": round(perimeter, 3),
+                "centroid": [round(float(gx[k] * f), 2), round(float(gy[k] * f), 2)],
+                "hematoxylin": round(float(mean_h[k]), 4),
+            }
+        )
+    return out
+
+
+# --- one slide ----------------------------------------------------------------------------------------------------
+
+
+def model_digest(folder: Path) -> str:
+    """A short hash of a model folder's weights and description (results are tied to it)."""
+    from pysynth.models.io import META, WEIGHTS
+
+    digest = hashlib.sha256()
+    for name in (WEIGHTS, META):
+        digest.update((Path(folder) / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _colour_samples(reader: SlideReader, tissue: TissueMask, mpp: float, n: int = 16, size: int = 384):
+    """Up to ``n`` windows at ``mpp`` centred on tissue, at fixed positions (deterministic)."""
+    ys, xs = np.nonzero(tissue.mask)
+    if len(ys) == 0:
+        return []
+    picks = np.linspace(0, len(ys) - 1, num=min(n, len(ys))).astype(int)
+    f = mpp / reader.mpp
+    out = []
+    for i in picks:
+        cx, cy = (xs[i] + 0.5) * tissue.scale, (ys[i] + 0.5) * tissue.scale
+        out.append(read_region(reader, cx - size / 2 * f, cy - size / 2 * f, (size, size), mpp))
+    return out
+
+
+def _csv_text(nuclei: list[dict[str, Any]], mpp: float) -> str:
+    lines = ["AreaInPixels,PhysicalSize,Polygon"]
+    for nuc in nuclei:
+        coords = ":".join(f"{x:.2f}:{y:.2f}" for x, y in nuc["polygon"])
+        lines.append(f"{nuc['area_px']},{nuc['area_um2']},[{coords}]")
+    return "\n".join(lines) + "\n"
+
+
+def _feature(nuc: dict[str, Any], ident: int) -> dict[str, Any]:
+    ring = [*nuc["polygon"], nuc["polygon"][0]]
+    return {
+        "type": "Feature",
+        "id": ident,
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {
+            "objectType": "detection",
+            "classification": {"name": "Nucleus"},
+            "measurements": {
+                "Area µm^2": nuc["area_um2"],
+                "Perimeter µm": nuc["perimeter_um"],
+                "Centroid X px": nuc["centroid"][0],
+                "Centroid Y px": nuc["centroid"][1],
+                "Hematoxylin OD mean": nuc["hematoxylin"],
+            },
+        },
+    }
+
+
+def _write_outputs(
+    slide_dir: Path,
+    reader: SlideReader,
+    regions: list[Region],
+    parts: Path,
+    mpp: float,
+    config: InferConfig,
+) -> tuple[int, float]:
+    """Stream the parts into nuclei.geojson, csv/ and overlay.png; returns (nuclei, seconds)."""
+    started = time.perf_counter()
+    h0, w0 = reader.level_shapes_hw[0]
+    o_mpp = max(config.overlay_mpp, max(h0, w0) * reader.mpp / 8000)
+    thumb = np.ascontiguousarray(read_thumbnail(reader, o_mpp))
+    scale = reader.mpp / o_mpp  # overlay px per level-0 px
+    csv_dir = slide_dir / CSV_DIR
+    csv_dir.mkdir(exist_ok=True)
+    f = mpp / reader.mpp
+    tmp = slide_dir / f".{GEOJSON}.{os.getpid()}.tmp"
+    count = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            out.write('{"type":"FeatureCollection","features":[')
+            for region in regions:
+                nuclei = json.loads((parts / f"{region.index:06d}.json").read_text())["nuclei"]
+                x0, y0 = round(region.x * f), round(region.y * f)
+                name = f"{x0}_{y0}_{round(region.w * f)}_{round(region.h * f)}.csv"
+                atomic_write_text(csv_dir / name, _csv_text(nuclei, mpp))
+                polys = []
+                for nuc in nuclei:
+                    count += 1
+                    out.write(("," if count > 1 else "") + json.dumps(_feature(nuc, count), separators=(",", ":")))
+                    polys.append(np.round(np.array(nuc["polygon"]) * scale * 4).astype(np.int32))
+                if polys:
+                    cv2.polylines(thumb, polys, True, (0, 160, 0), 1, cv2.LINE_AA, shift=2)
+            out.write("]}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.chmod(0o666 & ~_umask())
+        tmp.replace(slide_dir / GEOJSON)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(slide_dir / OVERLAY, cv2.imencode(".png", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))[1].tobytes())
+    return count, time.perf_counter() - started
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@dataclass
+class SlideResult:
+    """What one slide gave (also the content of its ``summary.json``)."""
+
+    slide: str
+    nuclei: int
+    regions: int
+    tissue_mm2: float
+    pixels: float
+    seconds: float
+    timings: dict[str, float]
+    skipped: bool = False
+    resumed_regions: int = 0
+
+
+def infer_slide(
+    reader: SlideReader,
+    model: UNet,
+    info: ModelInfo,
+    slide_dir: Path,
+    *,
+    config: InferConfig,
+    model_id: str,
+    overwrite: bool = False,
+    progress: Callable[[int, int, int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> SlideResult:
+    """Segment every nucleus of one slide into ``slide_dir`` (resuming what an earlier run left).
+
+    Args:
+        reader: The open slide.
+        model: The network, on its device, in eval mode.
+        info: Its description (resolution, post-processing).
+        slide_dir: ``OUT/<stem>``.
+        config: Region and normalisation settings.
+        model_id: :func:`model_digest` of the model folder.
+        overwrite: Start afresh even when the folder holds a finished or unfinished run.
+        progress: Called as ``progress(done_regions, total_regions, nuclei_so_far)``.
+        stop: Polled between regions; when it returns True the run stops after saving the current region and
+            raises :class:`KeyboardInterrupt`.
+
+    Returns:
+        The slide's :class:`SlideResult`; ``skipped`` when ``summary.json`` showed it finished.
+    """
+    from pysynth import __version__
+
+    slide_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "model": model_id,
+        "config": asdict(config),
+        "slide_mpp": reader.mpp,
+        "level0_hw": list(reader.level_shapes_hw[0]),
+    }
+    summary_path = slide_dir / SUMMARY
+    parts = slide_dir / PARTS
+    if overwrite:
+        summary_path.unlink(missing_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)
+    if summary_path.exists():
+        try:
+            old = json.loads(summary_path.read_text())
+        except ValueError:
+            old = {}
+        if old.get("settings") == settings:
+            return SlideResult(str(reader.name), int(old.get("nuclei", 0)), 0, 0.0, 0.0, 0.0, {}, skipped=True)
+        raise PysynthError(
+            f"{slide_dir}: holds results made with another model or settings; use --overwrite to replace them"
+        )
+    settings_path = parts / SETTINGS
+    if parts.exists():
+        try:
+            old_settings = json.loads(settings_path.read_text())
+        except (OSError, ValueError):
+            old_settings = None
+        if old_settings != settings:
+            shutil.rmtree(parts)  # an unfinished run with other settings: its regions cannot be reused
+    parts.mkdir(exist_ok=True)
+    atomic_write_text(settings_path, json.dumps(settings))
+
+    started = time.perf_counter()
+    timings = Timings()
+    mpp = info.mpp
+    f = mpp / reader.mpp
+    slide_hw = slide_extent(reader, mpp)
+    t = time.perf_counter()
+    tissue = compute_tissue_mask(reader)
+    colour = fit_colour(_colour_samples(reader, tissue, mpp), config.normalise)
+    timings.read += time.perf_counter() - t
+    regions = plan_regions(reader, mpp, config, tissue)
+    todo = [r for r in regions if not (parts / f"{r.index:06d}.json").exists()]
+    resumed = len(regions) - len(todo)
+    nuclei_so_far = 0
+    if progress is not None:
+        progress(resumed, len(regions), nuclei_so_far)
+    device = next(model.parameters()).device
+
+    def load(region: Region) -> tuple[np.ndarray, np.ndarray, float, float]:
+        t0 = time.perf_counter()
+        window = read_window(reader, region, mpp, config.margin)
+        t1 = time.perf_counter()
+        normalised = colour.apply(window)
+        return window, normalised, t1 - t0, time.perf_counter() - t1
+
+    def finish(region: Region, window: np.ndarray, det: np.ndarray, seg: np.ndarray) -> tuple[int, float, float]:
+        t0 = time.perf_counter()
+        nuclei = region_nuclei(window, det, seg, region, config.margin, info.instances, mpp, f, slide_hw)
+        t1 = time.perf_counter()
+        record = {"region": asdict(region), "nuclei": nuclei}
+        atomic_write_text(parts / f"{region.index:06d}.json", json.dumps(record, separators=(",", ":")))
+        return len(nuclei), t1 - t0, time.perf_counter() - t1
+
+    # Pipelined: the next window is read and normalised, and the previous one post-processed and written, while
+    # the network runs on the current one.
+    interrupted = False
+    with ThreadPoolExecutor(1) as reader_pool, ThreadPoolExecutor(1) as post_pool:
+        pending_read = reader_pool.submit(load, todo[0]) if todo else None
+        pending_post = None
+        done = resumed
+        for i, region in enumerate(todo):
+            assert pending_read is not None
+            window, normalised, t_read, t_norm = pending_read.result()
+            timings.read += t_read
+            timings.normalise += t_norm
+            pending_read = reader_pool.submit(load, todo[i + 1]) if i + 1 < len(todo) else None
+            t0 = time.perf_counter()
+            det, seg = predict_maps(
+                model, normalised, tile=max(normalised.shape[:2]), batch=1, precision=config.precision
+            )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings.network += time.perf_counter() - t0
+            if pending_post is not None:
+                n, t_post, t_write = pending_post.result()
+                timings.post += t_post
+                timings.write += t_write
+                nuclei_so_far += n
+                done += 1
+                if progress is not None:
+                    progress(done, len(regions), nuclei_so_far)
+            pending_post = post_pool.submit(finish, region, window, det, seg)
+            if stop is not None and stop():
+                interrupted = True
+                break
+        if pending_post is not None:
+            n, t_post, t_write = pending_post.result()
+            timings.post += t_post
+            timings.write += t_write
+            nuclei_so_far += n
+            done += 1
+            if progress is not None:
+                progress(done, len(regions), nuclei_so_far)
+        if pending_read is not None:
+            pending_read.cancel()
+    if interrupted:
+        raise KeyboardInterrupt
+
+    count, t_write = _write_outputs(slide_dir, reader, regions, parts, mpp, config)
+    timings.write += t_write
+    seconds = time.perf_counter() - started
+    pixels = float(sum((r.w + 0) * (r.h + 0) for r in regions))
+    import platform
+
+    result = SlideResult(
+        slide=str(reader.name),
+        nuclei=count,
+        regions=len(regions),
+        tissue_mm2=round(tissue.area_um2() / 1e6, 4),
+        pixels=pixels,
+        seconds=round(seconds, 2),
+        timings={k: round(v, 3) for k, v in asdict(timings).items()},
+        resumed_regions=resumed,
+    )
+    summary = {
+        **asdict(result),
+        "settings": settings,
+        "mpp": mpp,
+        "slide_mpp": reader.mpp,
+        "mpp_source": reader.mpp_source,
+        "colour": asdict(colour),
+        "megapixels_per_s": round(pixels / max(seconds, 1e-9) / 1e6, 3),
+        "versions": {
+            "pysynth": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "opencv": cv2.__version__,
+            "python": platform.python_version(),
+        },
+        "device": str(device),
+    }
+    atomic_write_text(summary_path, json.dumps(summary, indent=1))
+    shutil.rmtree(parts, ignore_errors=True)
+    return result
+
+
+def iter_features(geojson_path: Path) -> Iterator[dict[str, Any]]:
+    """The features of a ``nuclei.geojson`` (loads the file; for tests and small slides)."""
+    yield from json.loads(Path(geojson_path).read_text())["features"]
+
+
+def rasterise(features: list[dict[str, Any]], shape_hw: tuple[int, int], scale: float = 1.0) -> np.ndarray:
+    """Instance labels (int32, ``1..n`` in order) of GeoJSON polygons drawn at ``scale`` px per level-0 px.
+
+    A pixel belongs to a polygon when its centre lies inside it, so exact pixel-edge outlines give back exactly
+    the pixels they were traced from, and touching nuclei never share a pixel.
+    """
+    from pysynth.synth.raster import rasterize_polygons
+
+    rings = [np.asarray(f["geometry"]["coordinates"][0], np.float64)[:-1] * scale for f in features]
+    if not rings:
+        return np.zeros(shape_hw, np.int32)
+    offsets = np.cumsum([0, *(len(r) for r in rings)])
+    return rasterize_polygons(np.concatenate(rings), offsets, shape_hw)
+
+
+def run_slide(
+    path: str,
+    out_dir: str,
+    *,
+    model_dir: str | None,
+    input_mpp: float | None,
+    device: str,
+    config: InferConfig,
+    overwrite: bool,
+    threads: int = 0,
+    stem: str | None = None,
+) -> dict[str, Any]:
+    """Infer one slide from its path (a whole task for a worker process or a Dask worker).
+
+    Returns a JSON-able record: ``status`` ``"done"``, ``"skipped"`` or ``"failed"`` (with ``error``), and the
+    :class:`SlideResult` fields.
+    """
+    from pysynth.errors import SlideError
+    from pysynth.io import open_slide
+    from pysynth.models.io import default_model_dir
+    from pysynth.segment import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    folder = default_model_dir() if model_dir is None else Path(model_dir)
+    model, info = _cached_model(str(folder))
+    model = model.to(resolve_device(device))
+    stem = stem or Path(path).stem
+    try:
+        with open_slide(path, input_mpp) as reader:
+            result = infer_slide(
+                reader, model, info, Path(out_dir) / stem, config=config, model_id=model_digest(folder),
+                overwrite=overwrite,
+            )  # fmt: skip
+    except SlideError as exc:
+        return {"slide": str(path), "status": "failed", "error": str(exc)}
+    except PysynthError as exc:
+        return {"slide": str(path), "status": "failed", "error": f"{path}: {exc}"}
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return {"slide": str(path), "status": "failed", "error": f"{path}: {where}{exc.strerror or exc}"}
+    record = asdict(result)
+    record["slide"] = str(path)
+    record["status"] = "skipped" if result.skipped else "done"
+    return record
+
+
+_MODELS: dict[str, tuple[UNet, ModelInfo]] = {}
+
+
+def _cached_model(folder: str) -> tuple[UNet, ModelInfo]:
+    """The BatchNorm-folded network of a model folder, loaded once per process."""
+    if folder not in _MODELS:
+        from pysynth.models.io import load_model
+        from pysynth.models.unet import fold_batchnorm
+
+        model, info = load_model(folder)
+        _MODELS[folder] = (fold_batchnorm(model).to(memory_format=torch.channels_last), info)
+    return _MODELS[folder]

@@ -1,0 +1,264 @@
+"""Whole-slide inference on real tissue: seams, coordinates, resolution, resume, outputs and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pysynth.infer import (
+    GEOJSON,
+    PARTS,
+    SUMMARY,
+    InferConfig,
+    _cached_model,
+    fit_colour,
+    infer_slide,
+    rasterise,
+)
+from pysynth.io import ArrayReader, open_slide, read_region
+from pysynth.models.io import default_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_info():
+    return _cached_model(str(default_model_dir()))
+
+
+@pytest.fixture(scope="module")
+def tissue_40x() -> np.ndarray:
+    """A 560×720 px region of the bundled real slide at 0.25 µm/px (upsampled from 20x), dense with nuclei."""
+    from pysynth import data_path
+
+    with open_slide(data_path("CMU-1-Small-Region.svs")) as slide:
+        return read_region(slide, 900, 1200, (560, 720), 0.25)
+
+
+def _run(reader, model_info, out: Path, **kw) -> tuple[list[dict], dict]:
+    model, info = model_info
+    config = kw.pop("config", InferConfig())
+    infer_slide(reader, model, info, out, config=config, model_id="test", **kw)
+    features = json.loads((out / GEOJSON).read_text())["features"]
+    return features, json.loads((out / SUMMARY).read_text())
+
+
+def _match(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Best IoU in ``b`` of each instance of ``a``; and the instance counts."""
+    na, nb = int(a.max()), int(b.max())
+    both = (a > 0) & (b > 0)
+    pairs = np.bincount(a[both].astype(np.int64) * (nb + 1) + b[both], minlength=(na + 1) * (nb + 1))
+    inter = pairs.reshape(na + 1, nb + 1)
+    area_a, area_b = np.bincount(a.ravel(), minlength=na + 1), np.bincount(b.ravel(), minlength=nb + 1)
+    iou = inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1)
+    return iou[1:, 1:].max(axis=1, initial=0), na, nb
+
+
+def test_regions_tiled_with_margins_give_the_nuclei_of_one_pass(tmp_path, model_info, tissue_40x):
+    # Seam test on real tissue: 20 small regions (cores of 160 px, non-square ones at the right and bottom edges)
+    # against one region holding everything: the same nuclei, each whole (IoU >= 0.95), none twice.
+    reader = ArrayReader(tissue_40x, 0.25)
+    whole, _ = _run(reader, model_info, tmp_path / "whole", config=InferConfig(core=2048))
+    tiled, summary = _run(reader, model_info, tmp_path / "tiled", config=InferConfig(core=160, margin=128))
+    assert summary["regions"] == 20  # 4 × 5 grid, every region has tissue
+    assert len(whole) > 100
+    shape = tissue_40x.shape[:2]
+    a, b = rasterise(whole, shape), rasterise(tiled, shape)
+    best, na, nb = _match(a, b)
+    assert nb == na
+    assert np.all(best >= 0.95), f"{np.sum(best < 0.95)} of {na} nuclei differ"
+    # No duplicates: drawn one by one, no tiled nucleus overlaps another.
+    drawn = np.zeros(shape, np.int32)
+    for feat in tiled:
+        one = rasterise([feat], shape) > 0
+        assert not np.any(drawn[one]), "two tiled nuclei overlap"
+        drawn[one] = 1
+
+
+def test_polygons_land_on_the_nuclei_of_a_real_slide_at_level0(tmp_path, model_info, sample_slide):
+    # A 20x slide read at 40x with regions whose border ones are not square: the polygons, in level-0
+    # coordinates of the slide, must cover what `segment` finds on the same pixels (no x/y swap, no offset) and
+    # lie on dark (haematoxylin) pixels of the level-0 image.
+    from pysynth.segment import segment_rgb
+    from pysynth.synth.deconv import rgb_to_hed
+
+    with open_slide(sample_slide) as slide:
+        level0 = slide.read_level(0, 700, 1500, 600, 430)  # tissue, at the slide's 0.499 µm/px
+    reader = ArrayReader(level0, 0.499)
+    model, info = model_info
+    features, summary = _run(reader, model_info, tmp_path / "s", config=InferConfig(core=512, normalise="none"))
+    assert summary["regions"] == 6  # cores of 512 px at 0.25 µm/px: 1203×862 px → 3 columns × 2 rows
+    drawn = rasterise(features, level0.shape[:2])
+    reference = segment_rgb(model, info, level0, 0.499)
+    best, na, nb = _match(drawn, reference)
+    assert na > 30
+    assert abs(na - nb) <= 0.1 * nb
+    assert np.median(best) > 0.7
+    hema = rgb_to_hed(level0)[..., 0]
+    assert hema[drawn > 0].mean() > hema[drawn == 0].mean() + 0.05
+    # Measurements agree with the geometry.
+    import shapely
+
+    for feat in features[:50]:
+        poly = shapely.Polygon(feat["geometry"]["coordinates"][0])
+        assert poly.is_valid
+        m = feat["properties"]["measurements"]
+        assert m["Area µm^2"] == pytest.approx(poly.area * 0.499**2, rel=0.25)
+        c = poly.centroid
+        assert abs(c.x - m["Centroid X px"]) < 3
+        assert abs(c.y - m["Centroid Y px"]) < 3
+
+
+def test_geojson_is_valid_qupath_detections_and_csv_matches(tmp_path, model_info, tissue_40x):
+    import shapely
+
+    reader = ArrayReader(tissue_40x[:300, :400].copy(), 0.25)
+    features, summary = _run(reader, model_info, tmp_path / "g")
+    data = json.loads((tmp_path / "g" / GEOJSON).read_text())
+    assert data["type"] == "FeatureCollection"
+    assert len(features) == summary["nuclei"] > 10
+    for feat in features:
+        ring = feat["geometry"]["coordinates"][0]
+        assert feat["geometry"]["type"] == "Polygon"
+        assert ring[0] == ring[-1]
+        assert shapely.Polygon(ring).is_valid
+        assert feat["properties"]["objectType"] == "detection"
+        assert set(feat["properties"]["measurements"]) >= {"Area µm^2", "Perimeter µm", "Hematoxylin OD mean"}
+    rows = []
+    for path in sorted((tmp_path / "g" / "csv").glob("*.csv")):
+        lines = path.read_text().splitlines()
+        assert lines[0] == "AreaInPixels,PhysicalSize,Polygon"
+        rows += lines[1:]
+    assert len(rows) == len(features)
+    values = [float(v) for v in rows[0].split(",", 2)[2].strip("[]").split(":")]
+    assert np.allclose(np.reshape(values, (-1, 2)), features[0]["geometry"]["coordinates"][0][:-1], atol=0.01)
+    assert (tmp_path / "g" / "overlay.png").is_file()
+    assert not (tmp_path / "g" / PARTS).exists()
+
+
+def test_20x_and_40x_slides_give_nuclei_of_the_same_physical_size(tmp_path, model_info, tissue_40x):
+    image_40x = tissue_40x
+    image_20x = cv2.resize(image_40x, (image_40x.shape[1] // 2, image_40x.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    f40, _ = _run(ArrayReader(image_40x, 0.25), model_info, tmp_path / "x40")
+    f20, _ = _run(ArrayReader(image_20x, 0.5), model_info, tmp_path / "x20")
+    a40 = np.median([f["properties"]["measurements"]["Area µm^2"] for f in f40])
+    a20 = np.median([f["properties"]["measurements"]["Area µm^2"] for f in f20])
+    assert a20 == pytest.approx(a40, rel=0.15)
+    assert len(f20) == pytest.approx(len(f40), rel=0.2)
+
+
+def test_an_interrupted_slide_resumes_to_the_same_result(tmp_path, model_info, tissue_40x):
+    reader = ArrayReader(tissue_40x, 0.25)
+    config = InferConfig(core=256)
+    _run(reader, model_info, tmp_path / "ref", config=config)
+    model, info = model_info
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        infer_slide(
+            reader, model, info, tmp_path / "cut", config=config, model_id="test",
+            stop=lambda: calls.append(1) or len(calls) >= 2,
+        )  # fmt: skip
+    parts = sorted((tmp_path / "cut" / PARTS).glob("0*.json"))
+    assert len(parts) == 2
+    assert not (tmp_path / "cut" / SUMMARY).exists()
+    result = infer_slide(reader, model, info, tmp_path / "cut", config=config, model_id="test")
+    assert result.resumed_regions == 2
+    assert (tmp_path / "cut" / GEOJSON).read_bytes() == (tmp_path / "ref" / GEOJSON).read_bytes()
+    # A finished slide is skipped; other settings in the same folder are refused.
+    assert infer_slide(reader, model, info, tmp_path / "cut", config=config, model_id="test").skipped
+    from pysynth.errors import PysynthError
+
+    with pytest.raises(PysynthError, match="another model or settings"):
+        infer_slide(reader, model, info, tmp_path / "cut", config=InferConfig(core=512), model_id="test")
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, tissue_40x):
+    # kill -9 in the middle of a slide: the rerun keeps the finished regions and ends with the same files.
+    image = tmp_path / "in" / "tissue.png"
+    image.parent.mkdir()
+    big = np.concatenate([tissue_40x, tissue_40x[:, ::-1]], axis=1)
+    cv2.imwrite(str(image), cv2.cvtColor(big, cv2.COLOR_RGB2BGR))
+    cmd = [sys.executable, "-c", "from pysynth.cli import main; main()", "infer", str(image), "--input-mpp", "0.25"]
+    cmd += ["--core", "192"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*cmd, "--out", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "cut")], env=env, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "cut" / "tissue" / PARTS
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("0*.json"))) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = len(list(parts.glob("0*.json")))
+    assert 3 <= kept < 24, "the kill should land in the middle of the slide"
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "cut")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in (GEOJSON, "overlay.png"):
+        assert (tmp_path / "cut" / "tissue" / name).read_bytes() == (tmp_path / "ref" / "tissue" / name).read_bytes()
+    assert json.loads((tmp_path / "cut" / "tissue" / SUMMARY).read_text())["resumed_regions"] == kept
+
+
+def test_colour_normalisation_moves_slide_statistics_to_the_reference(tissue_40x):
+    from pysynth.infer import REFERENCE_LAB
+
+    tinted = np.clip(tissue_40x.astype(np.float32) * [0.8, 1.05, 0.9] + [10, 0, 25], 0, 255).astype(np.uint8)
+    colour = fit_colour([tinted], "reinhard")
+    fixed = fit_colour([colour.apply(tinted)], "reinhard")
+    assert np.allclose(fixed.params["mean"], REFERENCE_LAB[0], atol=1.5)
+    assert np.allclose(fixed.params["std"], REFERENCE_LAB[1], rtol=0.1)
+    mac = fit_colour([tinted], "macenko")
+    he = np.array(mac.params["he"])
+    assert he.shape == (3, 2)
+    assert np.all(he > 0)
+    assert he[0, 0] / he[1, 0] > he[0, 1] / he[1, 1]  # haematoxylin absorbs red relatively more than eosin
+    out = mac.apply(tinted)
+    assert out.shape == tinted.shape
+    assert out.dtype == np.uint8
+    assert fit_colour([np.full((50, 50, 3), 240, np.uint8)], "reinhard").method == "none"  # glass only
+
+
+def test_cli_bad_inputs_fail_alone_and_clearly(tmp_path, run_cli, tissue_40x):
+    good, empty, corrupt = tmp_path / "good.png", tmp_path / "glass.png", tmp_path / "bad.svs"
+    cv2.imwrite(str(good), cv2.cvtColor(tissue_40x[:256, :256], cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(empty), np.full((300, 300, 3), 242, np.uint8))
+    corrupt.write_bytes(b"II*\x00" + b"\x00" * 500)
+    r = run_cli("infer", good, empty, corrupt, "--input-mpp", "0.25", "--out", tmp_path / "out")
+    assert r.code == 1
+    assert any("bad.svs" in line for line in r.error_lines())
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert [s["status"] for s in run["slides"]] == ["done", "done", "failed"]
+    glass = json.loads((tmp_path / "out" / "glass" / GEOJSON).read_text())
+    assert glass["features"] == []
+    assert not (tmp_path / "out" / "bad").exists() or not (tmp_path / "out" / "bad" / SUMMARY).exists()
+    # No resolution: a clear error, and nothing written for that input.
+    r = run_cli("infer", good, "--out", tmp_path / "out2")
+    assert r.code == 1
+    assert "--input-mpp" in r.error_lines()[0]
+    r = run_cli("infer", tmp_path / "nothing.svs", "--out", tmp_path / "out3")
+    assert r.code != 0
+    assert len(r.error_lines()) == 1
+    assert "Traceback" not in r.err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a slide")
+    r = run_cli("infer", notes, "--out", tmp_path / "out4", "--input-mpp", "0.25")
+    assert r.code != 0
+    assert "Traceback" not in r.err
+
+
+def test_cli_disk_full_fails_cleanly(tmp_path, run_cli, tissue_40x, small_disk):
+    disk = small_disk("300k")
+    good = tmp_path / "good.png"
+    cv2.imwrite(str(good), cv2.cvtColor(tissue_40x, cv2.COLOR_RGB2BGR))
+    r = run_cli("infer", good, "--input-mpp", "0.25", "--out", disk / "out")
+    assert r.code == 1
+    assert any("No space left" in line for line in r.error_lines())
+    assert not (disk / "out" / "good" / SUMMARY).exists()
+    leftovers = [p.name for p in (disk / "out").rglob("*") if p.name.startswith(".") and "tmp" in p.name]
+    assert leftovers == []
