@@ -50,6 +50,13 @@ from pysynth.cli._options import input_mpp_option, out_option, setup_logging
     show_default=True,
     help="Slides processed at once, each in its own process with cores/N threads. Results do not depend on it.",
 )
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Send one task per slide to this Dask distributed scheduler (tcp://host:8786) instead of running here; "
+    "the workers must see the slides, the model and --out at the same paths. Needs `pip install distributed`.",
+)
 @click.option("--overwrite", is_flag=True, help="Redo slides that are finished, or made with another model.")
 def infer_command(
     slides: tuple[str, ...],
@@ -62,6 +69,7 @@ def infer_command(
     device: str,
     precision: str,
     workers: int,
+    scheduler: str | None,
     overwrite: bool,
 ) -> int:
     """Segment every nucleus of whole slides (and images) into --out/<slide>/.
@@ -102,7 +110,9 @@ def infer_command(
     records: list[dict] = []
     started = time.perf_counter()
 
-    if workers == 1:
+    if scheduler is not None:
+        records = _on_cluster(scheduler, paths, stems, out, folder, input_mpp, device, config, overwrite)
+    elif workers == 1:
         model, info = _cached_model(str(folder))
         model = model.to(dev)
         model_id = model_digest(folder)
@@ -180,3 +190,45 @@ def infer_command(
     for r in failed:
         click.echo(f"error: {r['error']}", err=True)
     return 1 if failed else 0
+
+
+def _on_cluster(scheduler, paths, stems, out, folder, input_mpp, device, config, overwrite) -> list[dict]:
+    """One ``run_slide`` task per slide on a Dask distributed cluster; records in the order of ``paths``."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from pysynth.errors import PysynthError
+    from pysynth.infer import run_slide
+
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise PysynthError("--scheduler needs Dask distributed: pip install distributed") from None
+    try:
+        client = Client(scheduler, timeout="10s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise PysynthError(f"--scheduler {scheduler}: cannot connect ({str(exc).splitlines()[0]})") from None
+    kwargs = {
+        "model_dir": str(Path(folder).resolve()),
+        "input_mpp": input_mpp,
+        "device": device,
+        "config": config,
+        "overwrite": overwrite,
+    }
+    with client:
+        futures = [
+            client.submit(run_slide, str(Path(p).resolve()), str(Path(out).resolve()), stem=stem, pure=False, **kwargs)
+            for p, stem in zip(paths, stems, strict=True)
+        ]
+        order = {f.key: i for i, f in enumerate(futures)}
+        records: list[dict | None] = [None] * len(futures)
+        for future in tqdm(as_completed(futures), total=len(futures), desc="slides", unit="slide", dynamic_ncols=True):
+            i = order[future.key]
+            try:
+                records[i] = future.result()
+            except Exception as exc:  # a worker died or the task could not run there
+                records[i] = {"slide": str(paths[i]), "status": "failed", "error": f"{paths[i]}: {exc}"}
+            if records[i]["status"] == "failed":
+                tqdm.write(f"error: {records[i]['error']}")
+    return [r for r in records if r is not None]

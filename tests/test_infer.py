@@ -262,3 +262,45 @@ def test_cli_disk_full_fails_cleanly(tmp_path, run_cli, tissue_40x, small_disk):
     assert not (disk / "out" / "good" / SUMMARY).exists()
     leftovers = [p.name for p in (disk / "out").rglob("*") if p.name.startswith(".") and "tmp" in p.name]
     assert leftovers == []
+
+
+def test_colour_lookup_table_equals_the_per_pixel_normalisation(tissue_40x):
+    for method in ("reinhard", "macenko"):
+        colour = fit_colour([tissue_40x], method)
+        assert colour.method == method
+        region = tissue_40x[100:300, 50:450]
+        assert np.array_equal(colour.apply(region), colour.transform(region))
+        assert not np.array_equal(colour.apply(region), region)
+
+
+@pytest.fixture(scope="module")
+def three_images(tmp_path_factory, tissue_40x) -> list[Path]:
+    folder = tmp_path_factory.mktemp("slides")
+    crops = [tissue_40x[:256, :320], tissue_40x[200:456, 300:620], tissue_40x[300:, 400:]]
+    paths = []
+    for k, crop in enumerate(crops):
+        path = folder / f"s{k}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2BGR))
+        paths.append(path)
+    return paths
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {p.parent.name: p.read_bytes() for p in sorted(folder.glob("*/nuclei.geojson"))}
+
+
+def test_worker_processes_and_a_dask_cluster_give_the_local_results(tmp_path, run_cli, three_images):
+    distributed = pytest.importorskip("distributed")
+    args = [*three_images, "--input-mpp", "0.25", "--core", "192"]
+    assert run_cli("infer", *args, "--out", tmp_path / "local").code == 0
+    local = _outputs(tmp_path / "local")
+    assert len(local) == 3
+    assert run_cli("infer", *args, "--out", tmp_path / "workers", "--workers", "2").code == 0
+    assert _outputs(tmp_path / "workers") == local
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cl:
+        r = run_cli("infer", *args, "--out", tmp_path / "dask", "--scheduler", cl.scheduler_address)
+    assert r.code == 0, r.err
+    assert _outputs(tmp_path / "dask") == local
+    r = run_cli("infer", *args, "--out", tmp_path / "nowhere", "--scheduler", "tcp://127.0.0.1:9")
+    assert r.code == 1
+    assert "cannot connect" in r.error_lines()[0]
