@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     values = yaml.safe_load(args.config.read_text()) or {}
     values["threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
-    config = args.out / "config.yaml"
+    config = args.out / f"config-{values['threads']}t.yaml"  # runs in flight keep reading theirs
     atomic_write_text(config, yaml.safe_dump(values, sort_keys=False))
 
     jobs = [(arm, seed) for seed in seeds for arm in arms]

@@ -27,7 +27,7 @@ def classical_instances(rgb: np.ndarray, *, min_distance: int = 9, sigma: float 
     from skimage.filters import threshold_otsu
     from skimage.segmentation import watershed
 
-    hema = rgb2hed(rgb)[..., 0]
+    hema = rgb2hed(np.maximum(rgb, 1))[..., 0]  # a 0 channel (saturated scanner pixels) gives -log(0) spikes
     foreground = ndi.binary_fill_holes(ndi.binary_opening(hema > threshold_otsu(hema), iterations=1))
     distance = ndi.gaussian_filter(ndi.distance_transform_edt(foreground), sigma)
     peaks = peak_local_max(distance, min_distance=min_distance, labels=foreground, exclude_border=False)

@@ -14,7 +14,7 @@ from types import ModuleType
 
 from pysynth.bench.harness import Timing, format_table, machine_info
 
-SECTIONS = ("synthesis", "kernels", "store", "segment", "weighted_loss")
+SECTIONS = ("synthesis", "kernels", "store", "segment", "weighted_loss", "infer")
 
 
 @dataclass

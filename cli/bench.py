@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-SECTION_CHOICES = ("synthesis", "kernels", "store", "segment", "weighted_loss", "all")
+SECTION_CHOICES = ("synthesis", "kernels", "store", "segment", "weighted_loss", "infer", "all")
 
 
 @click.command("bench")

@@ -181,7 +181,7 @@ def infer_command(
         if r["status"] == "failed":
             click.echo(f"{Path(r['slide']).name[:32]:32s} failed")
             continue
-        rate = f"{r['pixels'] / r['seconds'] / 1e6:7.2f}" if r.get("seconds") else f"{'':7s}"
+        rate = f"{r['processed_pixels'] / r['seconds'] / 1e6:7.2f}" if r.get("seconds") else f"{'':7s}"
         time_s = f"{r['seconds']:7.1f}s" if r.get("seconds") else f"{'':8s}"
         click.echo(
             f"{Path(r['slide']).name[:32]:32s} {r['status']:8s} {r['nuclei']:9d} {r['regions']:8d} {rate} {time_s}"

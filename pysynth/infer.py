@@ -234,8 +234,13 @@ def plan_regions(reader: SlideReader, mpp: float, config: InferConfig, tissue: T
 
 @dataclass
 class Timings:
-    """Seconds spent per stage (summed over regions; stages overlap when pipelined)."""
+    """Seconds per stage of one slide.
 
+    ``prepare`` (tissue mask, colour fit) runs once per slide; the others are summed over regions and overlap:
+    reading and post-processing run in threads beside the network.
+    """
+
+    prepare: float = 0.0
     read: float = 0.0
     normalise: float = 0.0
     network: float = 0.0
@@ -353,14 +358,15 @@ def model_digest(folder: Path) -> str:
 
 def _colour_samples(reader: SlideReader, tissue: TissueMask, mpp: float, n: int = 16, size: int = 384):
     """Up to ``n`` windows at ``mpp`` centred on tissue, at fixed positions (deterministic)."""
-    ys, xs = np.nonzero(tissue.mask)
-    if len(ys) == 0:
+    where = np.flatnonzero(tissue.mask)
+    if len(where) == 0:
         return []
-    picks = np.linspace(0, len(ys) - 1, num=min(n, len(ys))).astype(int)
+    picks = where[np.linspace(0, len(where) - 1, num=min(n, len(where))).astype(int)]
     f = mpp / reader.mpp
     out = []
     for i in picks:
-        cx, cy = (xs[i] + 0.5) * tissue.scale, (ys[i] + 0.5) * tissue.scale
+        y, x = divmod(int(i), tissue.mask.shape[1])
+        cx, cy = (x + 0.5) * tissue.scale, (y + 0.5) * tissue.scale
         out.append(read_region(reader, cx - size / 2 * f, cy - size / 2 * f, (size, size), mpp))
     return out
 
@@ -457,6 +463,7 @@ class SlideResult:
     timings: dict[str, float]
     skipped: bool = False
     resumed_regions: int = 0
+    processed_pixels: float = 0.0
 
 
 def infer_slide(
@@ -492,6 +499,7 @@ def infer_slide(
 
     slide_dir.mkdir(parents=True, exist_ok=True)
     settings = {
+        "slide": Path(str(reader.name)).name,
         "model": model_id,
         "config": asdict(config),
         "slide_mpp": reader.mpp,
@@ -531,7 +539,7 @@ def infer_slide(
     t = time.perf_counter()
     tissue = compute_tissue_mask(reader)
     colour = fit_colour(_colour_samples(reader, tissue, mpp), config.normalise)
-    timings.read += time.perf_counter() - t
+    timings.prepare += time.perf_counter() - t
     regions = plan_regions(reader, mpp, config, tissue)
     todo = [r for r in regions if not (parts / f"{r.index:06d}.json").exists()]
     window_px = sum((r.w + 2 * config.margin) * (r.h + 2 * config.margin) for r in todo)
@@ -605,7 +613,8 @@ def infer_slide(
     count, t_write = _write_outputs(slide_dir, reader, regions, parts, mpp, config)
     timings.write += t_write
     seconds = time.perf_counter() - started
-    pixels = float(sum((r.w + 0) * (r.h + 0) for r in regions))
+    pixels = float(sum(r.w * r.h for r in regions))
+    pixels_now = float(sum(r.w * r.h for r in todo))  # a resumed run's rate counts only what it processed
     import platform
 
     result = SlideResult(
@@ -617,6 +626,7 @@ def infer_slide(
         seconds=round(seconds, 2),
         timings={k: round(v, 3) for k, v in asdict(timings).items()},
         resumed_regions=resumed,
+        processed_pixels=pixels_now,
     )
     summary = {
         **asdict(result),
@@ -625,7 +635,7 @@ def infer_slide(
         "slide_mpp": reader.mpp,
         "mpp_source": reader.mpp_source,
         "colour": asdict(colour),
-        "megapixels_per_s": round(pixels / max(seconds, 1e-9) / 1e6, 3),
+        "megapixels_per_s": round(pixels_now / max(seconds, 1e-9) / 1e6, 3),
         "versions": {
             "pysynth": __version__,
             "torch": torch.__version__,

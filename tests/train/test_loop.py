@@ -178,3 +178,33 @@ def test_a_corrupt_or_foreign_checkpoint_is_one_clear_error(tmp_path: Path, real
     torch.save({"format": "pysynth-joint-checkpoint", "version": 1}, tmp_path / "m" / "checkpoint.pt")
     with pytest.raises(PysynthError, match="not pysynth-segmenter-checkpoint"):
         train(config, tmp_path / "m", real=[real_png], input_mpp=0.25)
+
+
+def test_init_starts_the_segmenter_from_a_model_folder(tmp_path: Path, real_png: Path) -> None:
+    from pysynth.models.unet import UNet
+    from pysynth.train.loop import init_segmenter
+
+    first = TrainConfig.from_dict(TINY)
+    train(first, tmp_path / "a", real=[real_png], input_mpp=0.25)
+    start = _weights(tmp_path / "a")
+    config = TrainConfig.from_dict({**TINY, "init": str(tmp_path / "a")})
+    model = UNet(config.model)
+    init_segmenter(model, config)
+    assert _same(model.state_dict(), start)
+    # A fine-tuning run starts there: after zero learning it ends where it started (lr tiny, weight decay off).
+    still = TrainConfig.from_dict({**TINY, "init": str(tmp_path / "a"), "lr": 1e-12, "weight_decay": 0.0, "steps": 1})
+    train(still, tmp_path / "b", real=[real_png], input_mpp=0.25)
+    ended = _weights(tmp_path / "b")
+    assert all(
+        torch.allclose(ended[k].float(), start[k].float(), atol=1e-6)
+        for k in start
+        if "running" not in k and "num_batches" not in k
+    )
+    # Another shape, or a folder that is not a model: one clear error.
+    other = TrainConfig.from_dict(
+        {**TINY, "model": {"width": 8, "depth": 2, "max_width": 16}, "init": str(tmp_path / "a")}
+    )
+    with pytest.raises(PysynthError, match="not the one configured"):
+        init_segmenter(UNet(other.model), other)
+    with pytest.raises(PysynthError, match="no such model folder"):
+        init_segmenter(UNet(config.model), TrainConfig.from_dict({**TINY, "init": str(tmp_path / "nothing")}))
