@@ -31,6 +31,14 @@ from pysynth.cli._options import input_mpp_option, out_option, setup_logging
     "--margin", type=click.IntRange(min=0), default=128, show_default=True, help="Context around each region (px)."
 )
 @click.option(
+    "--tile",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="0: the network sees each region in one pass (exact). 512: tiles inside regions: less memory, a faster "
+    "network on small CPUs (1.45x here, 1.05-1.1x end to end), slight outline changes at their seams.",
+)
+@click.option(
     "--device",
     default="auto",
     show_default=True,
@@ -66,6 +74,7 @@ def infer_command(
     normalise: str,
     core: int,
     margin: int,
+    tile: int,
     device: str,
     precision: str,
     workers: int,
@@ -104,7 +113,10 @@ def infer_command(
         precision = "fp16" if dev.type == "cuda" else "fp32"
     if precision == "fp16" and dev.type != "cuda":
         raise click.UsageError("--precision fp16 needs a GPU (--device cuda)")
-    config = InferConfig(core=core, margin=margin, normalise=normalise, precision=precision)
+    try:
+        config = InferConfig(core=core, margin=margin, tile=tile, normalise=normalise, precision=precision)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     out = prepare_output_dir(out_dir)
     stems = unique_names(paths)
     records: list[dict] = []

@@ -82,7 +82,8 @@ def train_command(
 
     With --gan the full method trains three networks together (refiner, discriminator, segmenter weighted by the
     discriminator's importance weights) and also writes refiner.pt, discriminator.pt, joint.yaml,
-    refined_grid.png and weight_histogram.png. It is opt-in until the ablation shows it helps.
+    refined_grid.png and weight_histogram.png. It is opt-in: in the ablation (README) it gave no measurable gain
+    at CPU budgets.
 
     Writes to --out: config.yaml (every parameter), checkpoint.pt, losses.csv, loss_curve.png, snapshots/, and
     at the end model.pt + model.json (with post-processing thresholds chosen on held-out synthetic patches), the

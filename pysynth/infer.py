@@ -77,6 +77,13 @@ class InferConfig:
             0.521 / 0.475, Macenko 0.691 / 0.533 / 0.491, none 0.685 / 0.525 / 0.482: differences at the noise
             level. Macenko is not the default because it washes out slides with many dark nuclei (their 99th
             percentile of haematoxylin is scaled down): on the bundled dermis slide it lost a third of the nuclei.
+        tile: 0 (default): the network sees each window in one pass, so a region's output does not depend on any
+            tiling inside it. Otherwise it runs over the window in tiles of this side, blended across
+            ``tile_overlap``: on this project's 2-core CPU 512 px tiles with 64 px overlaps ran 1.45× faster than
+            one 2,304 px pass (best of 3: 2.09 against 1.44 Mpx/s of window; small tiles stay in cache; end to end
+            on the bundled slide 0.83-0.87 against 0.78-0.79 Mpx/s) and need less memory, but their blended seams
+            move a few nucleus outlines (IoU 0.87-0.95 against one pass).
+        tile_overlap: Overlap of those tiles.
         precision: Network arithmetic: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU).
         min_tissue: A region is processed when the tissue fraction of its core exceeds this.
         overlay_mpp: Resolution of ``overlay.png`` (coarsened further for slides above 8,000 px at it).
@@ -84,14 +91,16 @@ class InferConfig:
 
     core: int = 2048
     margin: int = 128
+    tile: int = 0
+    tile_overlap: int = 64
     normalise: str = "reinhard"
     precision: str = "fp32"
     min_tissue: float = 0.0
     overlay_mpp: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.core < 64 or self.margin < 0:
-            raise ValueError(f"core must be >= 64 and margin >= 0, got {self.core}, {self.margin}")
+        if self.core < 64 or self.margin < 0 or (self.tile and self.tile < 128):
+            raise ValueError(f"core must be >= 64, margin >= 0, tile 0 or >= 128, got {self}")
         if self.normalise not in ("reinhard", "macenko", "none"):
             raise ValueError(f"normalise must be reinhard, macenko or none, got {self.normalise!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -226,7 +235,9 @@ def plan_regions(reader: SlideReader, mpp: float, config: InferConfig, tissue: T
     for y in range(0, height, config.core):
         for x in range(0, width, config.core):
             w, h = min(config.core, width - x), min(config.core, height - y)
-            if tissue is None or float(tissue.region_fraction(x * f, y * f, w * f, h * f)) > config.min_tissue:
+            # The fraction comes from differences of a summed-area table: glass can come out at 1e-16, not 0.
+            fraction = 1.0 if tissue is None else float(tissue.region_fraction(x * f, y * f, w * f, h * f))
+            if fraction > max(config.min_tissue, 1e-6):
                 regions.append(Region(index, x, y, w, h))
             index += 1
     return regions
@@ -306,13 +317,15 @@ def region_nuclei(
     n = int(labels.max())
     if n == 0:
         return []
-    flat = labels.ravel()
-    counts = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    rows, cols = np.indices(labels.shape, dtype=np.float64)
-    cy = np.bincount(flat, weights=rows.ravel(), minlength=n + 1) / np.maximum(counts, 1) + 0.5
-    cx = np.bincount(flat, weights=cols.ravel(), minlength=n + 1) / np.maximum(counts, 1) + 0.5
-    hema = rgb_to_hed(original)[..., 0].astype(np.float64)
-    mean_h = np.bincount(flat, weights=hema.ravel(), minlength=n + 1) / np.maximum(counts, 1)
+    # Statistics over nucleus pixels only (a fraction of the window).
+    where = np.flatnonzero(labels)
+    ids = labels.ravel()[where]
+    rows, cols = np.divmod(where, labels.shape[1])
+    counts = np.bincount(ids, minlength=n + 1).astype(np.float64)
+    cy = np.bincount(ids, weights=rows, minlength=n + 1) / np.maximum(counts, 1) + 0.5
+    cx = np.bincount(ids, weights=cols, minlength=n + 1) / np.maximum(counts, 1) + 0.5
+    hema = rgb_to_hed(original.reshape(-1, 3)[where][None])[0, :, 0]
+    mean_h = np.bincount(ids, weights=hema, minlength=n + 1) / np.maximum(counts, 1)
     # Centroids in slide model pixels; a nucleus is this region's when its centroid lies in the core.
     gx, gy = cx + region.x - margin, cy + region.y - margin
     owned = (
@@ -579,8 +592,9 @@ def infer_slide(
             timings.normalise += t_norm
             pending_read = reader_pool.submit(load, todo[i + 1]) if i + 1 < len(todo) else None
             t0 = time.perf_counter()
+            side = config.tile or max(normalised.shape[:2])
             det, seg = predict_maps(
-                model, normalised, tile=max(normalised.shape[:2]), batch=1, precision=config.precision
+                model, normalised, tile=side, overlap=config.tile_overlap, batch=1, precision=config.precision
             )
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -304,3 +304,25 @@ def test_worker_processes_and_a_dask_cluster_give_the_local_results(tmp_path, ru
     r = run_cli("infer", *args, "--out", tmp_path / "nowhere", "--scheduler", "tcp://127.0.0.1:9")
     assert r.code == 1
     assert "cannot connect" in r.error_lines()[0]
+
+
+def test_glass_regions_of_a_large_slide_are_not_planned():
+    # A 40,000² px slide whose tissue is one block: the summed-area table's differences give glass regions
+    # fractions of ~1e-16, which must not count as tissue.
+    from types import SimpleNamespace
+
+    from pysynth.infer import plan_regions
+    from pysynth.io.tissue import TissueMask
+
+    mask = np.zeros((4096, 4096), bool)
+    mask[1991:2098, 1992:2203] = True  # the tissue of a real 40k slide made by the bench
+    mask[:700, :900] = True
+    tissue = TissueMask(mask, 40000 / 4096, 40000 / 4096 * 0.25)
+    reader = SimpleNamespace(mpp=0.25, level_shapes_hw=((40000, 40000),))
+    regions = plan_regions(reader, 0.25, InferConfig(), tissue)
+    glass = [r for r in regions if not tissue.mask[
+        int(r.y / tissue.scale) : int((r.y + r.h) / tissue.scale) + 1,
+        int(r.x / tissue.scale) : int((r.x + r.w) / tissue.scale) + 1,
+    ].any()]  # fmt: skip
+    assert regions
+    assert glass == []
