@@ -36,7 +36,7 @@ from pysynth.cli._options import input_mpp_option, out_option, setup_logging
     default=0,
     show_default=True,
     help="0: the network sees each region in one pass (exact). 512: tiles inside regions: less memory, a faster "
-    "network on small CPUs (1.45x here, 1.05-1.1x end to end), slight outline changes at their seams.",
+    "network on small CPUs (1.45x on this project's 2-core machine), slight outline changes at their seams.",
 )
 @click.option(
     "--device",
