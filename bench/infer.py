@@ -283,14 +283,14 @@ def memory_cases(plan: Plan, source: np.ndarray, mpp: float, workdir: Path, devi
 def run(quick: bool = False) -> list:
     """End-to-end whole-slide inference next to the classical pipeline, and peak memory across slide sizes."""
     from pysynth.bench.make_slide import load_source, write_pyramidal_tiff
-    from pysynth.infer import _cached_model
+    from pysynth.infer import inference_model
     from pysynth.models.io import default_model_dir
     from pysynth.segment import resolve_device
 
     plan = QUICK if quick else FULL
     folder = default_model_dir()
     device = resolve_device("auto")
-    model, info = _cached_model(str(folder))
+    model, info = inference_model(str(folder))
     model = model.to(device)
     source = load_source(info.mpp)
     with tempfile.TemporaryDirectory(prefix="pysynth-bench-infer-") as tmp:
@@ -323,12 +323,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from pysynth.infer import _cached_model, infer_slide, model_digest
+    from pysynth.infer import infer_slide, inference_model, model_digest
     from pysynth.io import open_slide
     from pysynth.models.io import default_model_dir
 
     folder = default_model_dir()
-    model, info = _cached_model(str(folder))
+    model, info = inference_model(str(folder))
     model = model.to(args.device)
     setup = peak_rss_mb()
     config = InferConfig(core=args.core, margin=args.margin)

@@ -21,7 +21,7 @@ import cv2
 
 def main(argv: list[str] | None = None) -> None:
     """Score ``infer`` on labelled tiles with each normalisation."""
-    from pysynth.infer import GEOJSON, InferConfig, _cached_model, infer_slide, rasterise
+    from pysynth.infer import GEOJSON, InferConfig, infer_slide, inference_model, rasterise
     from pysynth.io import ArrayReader, load_rgb
     from pysynth.metrics import mean_scores, score
     from pysynth.models.io import default_model_dir
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    model, info = _cached_model(str(args.model or default_model_dir()))
+    model, info = inference_model(str(args.model or default_model_dir()))
     pairs = []
     for label_path in sorted(args.labels.iterdir()):
         image_path = args.images / f"{label_path.stem}.png"

@@ -31,6 +31,31 @@ workers_option = click.option(
     show_default=True,
     help="Worker processes. Results do not depend on it.",
 )
+device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where the network runs: auto (a CUDA GPU if present), cpu, cuda, cuda:1, ...",
+)
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="Network arithmetic: auto = fp16 autocast on a GPU, fp32 on the CPU (bf16 is slower on CPUs without "
+    "native bf16 units).",
+)
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``--precision`` for a device: ``auto`` becomes fp16 on CUDA and fp32 elsewhere; fp16 needs CUDA."""
+    if precision == "auto":
+        return "fp16" if device_type == "cuda" else "fp32"
+    if precision == "fp16" and device_type != "cuda":
+        raise click.UsageError("--precision fp16 needs a GPU (--device cuda)")
+    return precision
+
+
 out_option = click.option(
     "--out",
     "out_dir",

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from pysynth.cli._options import input_mpp_option, out_option, setup_logging
+from pysynth.cli._options import (
+    device_option,
+    input_mpp_option,
+    out_option,
+    precision_option,
+    resolve_precision,
+    setup_logging,
+)
 
 
 @click.command("infer")
@@ -38,19 +45,8 @@ from pysynth.cli._options import input_mpp_option, out_option, setup_logging
     help="0: the network sees each region in one pass (exact). 512: tiles inside regions: less memory, a faster "
     "network on small CPUs (1.45x on this project's 2-core machine), slight outline changes at their seams.",
 )
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="Where the network runs: auto (a CUDA GPU if present), cpu, cuda, cuda:1, ...",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    default="auto",
-    show_default=True,
-    help="Network arithmetic: auto = fp16 on a GPU, fp32 on the CPU.",
-)
+@device_option
+@precision_option
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -95,24 +91,19 @@ def infer_command(
 
     from tqdm import tqdm
 
-    from pysynth.errors import PysynthError, SlideError
     from pysynth.fsutil import atomic_write_text, prepare_output_dir
-    from pysynth.infer import InferConfig, _cached_model, infer_slide, model_digest, run_slide
-    from pysynth.io import open_slide
+    from pysynth.infer import InferConfig, run_slide
     from pysynth.models.io import default_model_dir, read_model_info
     from pysynth.segment import resolve_device
     from pysynth.sources import collect_sources, unique_names
-    from pysynth.train.loop import _StopAtStepEnd
+    from pysynth.train.loop import StopAtStepEnd
 
     setup_logging()
     paths = collect_sources(slides)
     folder = Path(default_model_dir() if model_dir is None else model_dir)
     read_model_info(folder)  # a folder that is not a model fails here, before anything is written
     dev = resolve_device(device)
-    if precision == "auto":
-        precision = "fp16" if dev.type == "cuda" else "fp32"
-    if precision == "fp16" and dev.type != "cuda":
-        raise click.UsageError("--precision fp16 needs a GPU (--device cuda)")
+    precision = resolve_precision(precision, dev.type)
     try:
         config = InferConfig(core=core, margin=margin, tile=tile, normalise=normalise, precision=precision)
     except ValueError as exc:
@@ -125,11 +116,8 @@ def infer_command(
     if scheduler is not None:
         records = _on_cluster(scheduler, paths, stems, out, folder, input_mpp, device, config, overwrite)
     elif workers == 1:
-        model, info = _cached_model(str(folder))
-        model = model.to(dev)
-        model_id = model_digest(folder)
         overall = tqdm(total=len(paths), desc="slides", unit="slide", dynamic_ncols=True, position=0)
-        with _StopAtStepEnd() as stop:
+        with StopAtStepEnd() as stop:
             for path, stem in zip(paths, stems, strict=True):
                 bar = tqdm(desc=stem[:24], unit="region", dynamic_ncols=True, position=1, leave=False)
 
@@ -140,19 +128,11 @@ def infer_command(
                     bar.refresh()
 
                 try:
-                    with open_slide(path, input_mpp) as reader:
-                        result = infer_slide(
-                            reader, model, info, out / stem, config=config, model_id=model_id,
-                            overwrite=overwrite, progress=progress, stop=lambda: stop.requested,
-                        )  # fmt: skip
-                    record = {**result.__dict__, "slide": str(path), "status": "skipped" if result.skipped else "done"}
-                except SlideError as exc:
-                    record = {"slide": str(path), "status": "failed", "error": str(exc)}
-                except PysynthError as exc:
-                    record = {"slide": str(path), "status": "failed", "error": f"{path}: {exc}"}
-                except OSError as exc:
-                    where = f"{exc.filename}: " if exc.filename else ""
-                    record = {"slide": str(path), "status": "failed", "error": f"{path}: {where}{exc.strerror or exc}"}
+                    record = run_slide(
+                        str(path), str(out), model_dir=str(folder), input_mpp=input_mpp, device=device,
+                        config=config, overwrite=overwrite, stem=stem, progress=progress,
+                        stop=lambda: stop.requested,
+                    )  # fmt: skip
                 finally:
                     bar.close()
                 records.append(record)

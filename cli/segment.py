@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from pysynth.cli._options import input_mpp_option, out_option, setup_logging
+from pysynth.cli._options import (
+    device_option,
+    input_mpp_option,
+    out_option,
+    precision_option,
+    resolve_precision,
+    setup_logging,
+)
 
 _SETTINGS = ".pysynth-segment.json"
 
@@ -21,20 +28,8 @@ _SETTINGS = ".pysynth-segment.json"
 )
 @input_mpp_option
 @out_option
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="Where the network runs: auto (a CUDA GPU if present), cpu, cuda, cuda:1, ...",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    default="auto",
-    show_default=True,
-    help="Network arithmetic: auto = fp16 autocast on a GPU, fp32 on the CPU (bf16 is slower on CPUs without "
-    "native bf16 units).",
-)
+@device_option
+@precision_option
 @click.option("--overwrite", is_flag=True, help="Replace results in --out made with another model.")
 def segment_command(
     images: tuple[str, ...],
@@ -50,7 +45,6 @@ def segment_command(
     Labels are 16-bit PNGs at the input's own size (32-bit TIFF above 65,535 nuclei); polygons are in the
     input's pixel coordinates. Images already finished in --out by the same model are skipped.
     """
-    import hashlib
     import json
     import time
 
@@ -60,7 +54,7 @@ def segment_command(
     from pysynth.errors import PysynthError, SlideError
     from pysynth.fsutil import atomic_write_text, prepare_output_dir
     from pysynth.io import open_slide, read_region
-    from pysynth.models.io import META, WEIGHTS, default_model_dir, load_model
+    from pysynth.models.io import default_model_dir, load_model, model_digest
     from pysynth.models.unet import fold_batchnorm
     from pysynth.segment import MAX_PIXELS, output_paths, resolve_device, segment_rgb, write_outputs
     from pysynth.sources import collect_sources, unique_names
@@ -71,16 +65,8 @@ def segment_command(
     model, info = load_model(folder)
     dev = resolve_device(device)
     model = fold_batchnorm(model).to(dev).to(memory_format=torch.channels_last)
-    if precision == "auto":
-        precision = "fp16" if dev.type == "cuda" else "fp32"
-    if precision == "fp16" and dev.type != "cuda":
-        raise click.UsageError("--precision fp16 needs a GPU (--device cuda)")
-    from pathlib import Path
-
-    digest = hashlib.sha256()
-    for name in (WEIGHTS, META):
-        digest.update((Path(folder) / name).read_bytes())
-    settings = {"model": digest.hexdigest()[:16]}
+    precision = resolve_precision(precision, dev.type)
+    settings = {"model": model_digest(folder)}
     out = prepare_output_dir(out_dir)
     settings_path = out / _SETTINGS
     if settings_path.exists() and not overwrite:

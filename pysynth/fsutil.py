@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from pysynth.errors import PysynthError
 
@@ -29,12 +31,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     Raises:
         OSError: If writing fails (disk full, no permission); no file is left behind under either name.
     """
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """A file opened beside ``path`` that replaces ``path`` only when the ``with`` block ends without an error.
+
+    For outputs written piece by piece (a streamed GeoJSON): the file is flushed, synced and renamed into place at
+    the end; on any exception (disk full, Ctrl-C) the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path: Final file name.
+        mode: ``"wb"`` or ``"w"`` (UTF-8 text).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be as readable as any file
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         Path(tmp).replace(path)

@@ -17,15 +17,13 @@ a finished slide. Memory is bounded by one region's working set, whatever the sl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +33,11 @@ import numpy as np
 import torch
 
 from pysynth.errors import PysynthError
-from pysynth.fsutil import atomic_write_bytes, atomic_write_text
+from pysynth.fsutil import atomic_write_bytes, atomic_write_text, atomic_writer
 from pysynth.instances import InstanceConfig, instances_from_maps, trace_contours
 from pysynth.io import SlideReader, compute_tissue_mask, read_region, read_thumbnail
 from pysynth.io.tissue import TissueMask
-from pysynth.models.io import ModelInfo
+from pysynth.models.io import ModelInfo, model_digest
 from pysynth.models.unet import UNet
 from pysynth.segment import predict_maps
 
@@ -99,8 +97,12 @@ class InferConfig:
     overlay_mpp: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.core < 64 or self.margin < 0 or (self.tile and self.tile < 128):
-            raise ValueError(f"core must be >= 64, margin >= 0, tile 0 or >= 128, got {self}")
+        if self.core < 64:
+            raise ValueError(f"core must be at least 64 px, got {self.core}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be non-negative, got {self.margin}")
+        if self.tile and self.tile < 128:
+            raise ValueError(f"tile must be 0 (one pass) or at least 128 px, got {self.tile}")
         if self.normalise not in ("reinhard", "macenko", "none"):
             raise ValueError(f"normalise must be reinhard, macenko or none, got {self.normalise!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -382,16 +384,6 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def model_digest(folder: Path) -> str:
-    """A short hash of a model folder's weights and description (results are tied to it)."""
-    from pysynth.models.io import META, WEIGHTS
-
-    digest = hashlib.sha256()
-    for name in (WEIGHTS, META):
-        digest.update((Path(folder) / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _colour_samples(reader: SlideReader, tissue: TissueMask, mpp: float, n: int = 16, size: int = 384):
     """Up to ``n`` windows at ``mpp`` centred on tissue, at fixed positions (deterministic)."""
     where = np.flatnonzero(tissue.mask)
@@ -452,38 +444,24 @@ def _write_outputs(
     csv_dir = slide_dir / CSV_DIR
     csv_dir.mkdir(exist_ok=True)
     f = mpp / reader.mpp
-    tmp = slide_dir / f".{GEOJSON}.{os.getpid()}.tmp"
     count = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as out:
-            out.write('{"type":"FeatureCollection","features":[')
-            for region in regions:
-                nuclei = json.loads((parts / f"{region.index:06d}.json").read_text())["nuclei"]
-                x0, y0 = round(region.x * f), round(region.y * f)
-                name = f"{x0}_{y0}_{round(region.w * f)}_{round(region.h * f)}.csv"
-                atomic_write_text(csv_dir / name, _csv_text(nuclei, mpp))
-                polys = []
-                for nuc in nuclei:
-                    count += 1
-                    out.write(("," if count > 1 else "") + json.dumps(_feature(nuc, count), separators=(",", ":")))
-                    polys.append(np.round(np.array(nuc["polygon"]) * scale * 4).astype(np.int32))
-                if polys:
-                    cv2.polylines(thumb, polys, True, (0, 160, 0), 1, cv2.LINE_AA, shift=2)
-            out.write("]}\n")
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.chmod(0o666 & ~_umask())
-        tmp.replace(slide_dir / GEOJSON)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_writer(slide_dir / GEOJSON, "w") as out:
+        out.write('{"type":"FeatureCollection","features":[')
+        for region in regions:
+            nuclei = json.loads((parts / f"{region.index:06d}.json").read_text())["nuclei"]
+            x0, y0 = round(region.x * f), round(region.y * f)
+            name = f"{x0}_{y0}_{round(region.w * f)}_{round(region.h * f)}.csv"
+            atomic_write_text(csv_dir / name, _csv_text(nuclei, mpp))
+            polys = []
+            for nuc in nuclei:
+                count += 1
+                out.write(("," if count > 1 else "") + json.dumps(_feature(nuc, count), separators=(",", ":")))
+                polys.append(np.round(np.array(nuc["polygon"]) * scale * 4).astype(np.int32))
+            if polys:
+                cv2.polylines(thumb, polys, True, (0, 160, 0), 1, cv2.LINE_AA, shift=2)
+        out.write("]}\n")
     atomic_write_bytes(slide_dir / OVERLAY, cv2.imencode(".png", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))[1].tobytes())
     return count, time.perf_counter() - started
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @dataclass
@@ -602,13 +580,25 @@ def infer_slide(
         atomic_write_text(parts / f"{region.index:06d}.json", json.dumps(record, separators=(",", ":")))
         return len(nuclei), t1 - t0, time.perf_counter() - t1
 
+    done = resumed
+
+    def collect(post: Future) -> None:
+        """Account for one finished region."""
+        nonlocal done, nuclei_so_far
+        n, t_post, t_write = post.result()
+        timings.post += t_post
+        timings.write += t_write
+        nuclei_so_far += n
+        done += 1
+        if progress is not None:
+            progress(done, len(regions), nuclei_so_far)
+
     # Pipelined: the next window is read and normalised, and the previous one post-processed and written, while
     # the network runs on the current one.
     interrupted = False
     with ThreadPoolExecutor(1) as reader_pool, ThreadPoolExecutor(1) as post_pool:
         pending_read = reader_pool.submit(load, todo[0]) if todo else None
         pending_post = None
-        done = resumed
         for i, region in enumerate(todo):
             assert pending_read is not None
             window, normalised, t_read, t_norm = pending_read.result()
@@ -624,25 +614,13 @@ def infer_slide(
                 torch.cuda.synchronize(device)
             timings.network += time.perf_counter() - t0
             if pending_post is not None:
-                n, t_post, t_write = pending_post.result()
-                timings.post += t_post
-                timings.write += t_write
-                nuclei_so_far += n
-                done += 1
-                if progress is not None:
-                    progress(done, len(regions), nuclei_so_far)
+                collect(pending_post)
             pending_post = post_pool.submit(finish, region, window, det, seg)
             if stop is not None and stop():
                 interrupted = True
                 break
         if pending_post is not None:
-            n, t_post, t_write = pending_post.result()
-            timings.post += t_post
-            timings.write += t_write
-            nuclei_so_far += n
-            done += 1
-            if progress is not None:
-                progress(done, len(regions), nuclei_so_far)
+            collect(pending_post)
         if pending_read is not None:
             pending_read.cancel()
     if interrupted:
@@ -719,8 +697,14 @@ def run_slide(
     overwrite: bool,
     threads: int = 0,
     stem: str | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Infer one slide from its path (a whole task for a worker process or a Dask worker).
+    """Infer one slide from its path: the command line's unit of work, here, in a worker process or on Dask.
+
+    A problem with the slide or its outputs (unreadable, no resolution, other settings in its folder, disk full)
+    becomes a ``"failed"`` record with a one-line ``error``, so the other slides go on; ``progress`` and ``stop``
+    are passed to :func:`infer_slide` (a stop raises :class:`KeyboardInterrupt`).
 
     Returns a JSON-able record: ``status`` ``"done"``, ``"skipped"`` or ``"failed"`` (with ``error``), and the
     :class:`SlideResult` fields.
@@ -733,14 +717,14 @@ def run_slide(
     if threads:
         torch.set_num_threads(threads)
     folder = default_model_dir() if model_dir is None else Path(model_dir)
-    model, info = _cached_model(str(folder))
+    model, info = inference_model(str(folder))
     model = model.to(resolve_device(device))
     stem = stem or Path(path).stem
     try:
         with open_slide(path, input_mpp) as reader:
             result = infer_slide(
                 reader, model, info, Path(out_dir) / stem, config=config, model_id=model_digest(folder),
-                overwrite=overwrite,
+                overwrite=overwrite, progress=progress, stop=stop,
             )  # fmt: skip
     except SlideError as exc:
         return {"slide": str(path), "status": "failed", "error": str(exc)}
@@ -758,8 +742,8 @@ def run_slide(
 _MODELS: dict[str, tuple[UNet, ModelInfo]] = {}
 
 
-def _cached_model(folder: str) -> tuple[UNet, ModelInfo]:
-    """The BatchNorm-folded network of a model folder, loaded once per process."""
+def inference_model(folder: str) -> tuple[UNet, ModelInfo]:
+    """A model folder's network, BatchNorm folded and channels-last, and its description; loaded once per process."""
     if folder not in _MODELS:
         from pysynth.models.io import load_model
         from pysynth.models.unet import fold_batchnorm

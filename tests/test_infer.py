@@ -19,9 +19,9 @@ from pysynth.infer import (
     PARTS,
     SUMMARY,
     InferConfig,
-    _cached_model,
     fit_colour,
     infer_slide,
+    inference_model,
     rasterise,
 )
 from pysynth.io import ArrayReader, open_slide, read_region
@@ -30,7 +30,7 @@ from pysynth.models.io import default_model_dir
 
 @pytest.fixture(scope="module")
 def model_info():
-    return _cached_model(str(default_model_dir()))
+    return inference_model(str(default_model_dir()))
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,7 @@ def test_cli_disk_full_fails_cleanly(tmp_path, run_cli, tissue_40x, small_disk):
     assert r.code == 1
     assert any("No space left" in line for line in r.error_lines())
     assert not (disk / "out" / "good" / SUMMARY).exists()
-    leftovers = [p.name for p in (disk / "out").rglob("*") if p.name.startswith(".") and "tmp" in p.name]
+    leftovers = [p.name for p in (disk / "out").rglob("*") if p.name.endswith((".part", ".tmp"))]
     assert leftovers == []
 
 

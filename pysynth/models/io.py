@@ -7,6 +7,7 @@ resolved configuration. :func:`default_model_dir` is the model shipped inside th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass, fields
@@ -129,3 +130,11 @@ def load_model(folder: str | Path | None = None) -> tuple[UNet, ModelInfo]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{folder / WEIGHTS}: weights do not fit the configuration in {META} ({first})") from None
     return model.eval(), info
+
+
+def model_digest(folder: str | Path) -> str:
+    """A short hash of a model folder's weights and description (results made with it are tied to it)."""
+    digest = hashlib.sha256()
+    for name in (WEIGHTS, META):
+        digest.update((Path(folder) / name).read_bytes())
+    return digest.hexdigest()[:16]

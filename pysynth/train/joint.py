@@ -46,10 +46,10 @@ from pysynth.train.loop import (
     VAL_OFFSET,
     WORK,
     ItemMaker,
+    StopAtStepEnd,
     _atomic_torch_save,
     _batch_tensors,
     _lr_at,
-    _StopAtStepEnd,
     choose_thresholds,
     claim_run,
     init_segmenter,
@@ -511,7 +511,7 @@ def train_joint(
     checked = False
     segmenter.train()
     # The next step's raw items are made while this one trains.
-    with _StopAtStepEnd() as stop, ThreadPoolExecutor(1) as pool:
+    with StopAtStepEnd() as stop, ThreadPoolExecutor(1) as pool:
         pending = pool.submit(raw.batch, run["step"]) if run["step"] < config.steps else None
         while run["step"] < config.steps:
             step = run["step"]

@@ -278,11 +278,11 @@ def choose_thresholds(
     return best, table
 
 
-class _StopAtStepEnd:
-    """Ctrl-C handling inside the training loop.
+class StopAtStepEnd:
+    """Ctrl-C handling for long loops (training steps, `infer`'s regions): ``requested`` after a first SIGINT.
 
-    A first Ctrl-C (SIGINT) only asks the loop to stop after the current step; a second one interrupts at once.
-    The loop then saves a checkpoint of a whole step, so nothing done is lost on resume.
+    A first Ctrl-C only asks the loop to stop after the current step; a second one interrupts at once. The loop
+    then saves a whole step (a checkpoint, a region), so nothing done is lost on resume.
     """
 
     def __init__(self) -> None:
@@ -294,7 +294,7 @@ class _StopAtStepEnd:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __enter__(self) -> _StopAtStepEnd:
+    def __enter__(self) -> StopAtStepEnd:
         import signal
         import threading
 
@@ -409,7 +409,7 @@ def train(
         write_losses(out_dir, rows, LOSS_COLUMNS)
 
     model.train()
-    with _StopAtStepEnd() as stop, ThreadPoolExecutor(1) as pool:  # the next batch is made while this one trains
+    with StopAtStepEnd() as stop, ThreadPoolExecutor(1) as pool:  # the next batch is made while this one trains
         pending = pool.submit(batch_items, step) if step < config.steps else None
         window: list[tuple[float, dict[str, float]]] = []
         while step < config.steps:
