@@ -146,7 +146,13 @@ def _read_split(path: str) -> list[str]:
 
 
 def _select(
-    annotated: dict[str, Path], preds: dict[str, Path], what: str, where: str, pred_dir: str, split_file: str | None
+    annotated: dict[str, Path],
+    preds: dict[str, Path],
+    what: str,
+    noun: str,
+    where: str,
+    pred_dir: str,
+    split_file: str | None,
 ) -> list[str]:
     """The stems to score: every annotated one (of the split), each of which must have a prediction."""
     from pysynth.errors import PysynthError
@@ -166,12 +172,12 @@ def _select(
     missing = [s for s in stems if s not in preds]
     if missing:
         raise PysynthError(
-            f"{pred_dir} and {where} do not pair up: no prediction for {len(missing)} of {len(stems)} annotated "
-            f"image(s) ({listed(missing)}){'' if split_file else '; --split FILE scores a subset'}"
+            f"{pred_dir} and {where} do not pair up: no prediction for {listed(missing)} ({len(missing)} of "
+            f"{len(stems)} image(s) with {noun}{'' if split_file else '; --split FILE scores a subset'})"
         )
     extra = sorted(set(preds) - set(stems))
     if extra:  # predictions of unlabelled images (e.g. a whole folder was segmented): not scored, said once
-        why = "outside the split or without annotation" if split_file is not None else "without annotation"
+        why = f"outside the split or without {noun}" if split_file is not None else f"without {noun}"
         click.echo(f"note: {len(extra)} prediction(s) {why} are not scored", err=True)
     return stems
 
@@ -227,7 +233,7 @@ def _evaluate_labels(
     from pysynth.metrics import mean_scores, score
 
     preds, gts = _index(pred_dir, "_labels"), _index(gt_dir, "")
-    stems = _select(gts, preds, "label maps (<stem>.png or .tif)", gt_dir, pred_dir, split_file)
+    stems = _select(gts, preds, "label maps (<stem>.png or .tif)", "ground truth", gt_dir, pred_dir, split_file)
     images: dict[str, Path] = {}
     if images_dir is not None:
         images = _index(images_dir, "", _IMAGE_SUFFIXES)
@@ -343,7 +349,7 @@ def _evaluate_dots(
         for p in sorted(Path(dots_dir).iterdir())
         if p.name.endswith(_DOT_SUFFIX) and p.is_file()
     }
-    stems = _select(dots, preds, f"dot files (<stem>{_DOT_SUFFIX})", dots_dir, pred_dir, split_file)
+    stems = _select(dots, preds, f"dot files (<stem>{_DOT_SUFFIX})", "dots", dots_dir, pred_dir, split_file)
     radius_px = radius_um / mpp
     per_image = {}
     for stem in stems:

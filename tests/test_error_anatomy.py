@@ -451,7 +451,7 @@ def _break(kind: str, tmp_path: Path) -> list[str]:
         ("no mpp", 2, "--dots needs --mpp"),
         ("both modes", 2, "exactly one of --gt"),
         ("split lists unknown image", 1, "split.txt: no dot files"),
-        ("no prediction", 1, "no prediction for 1 of 2 annotated image(s) (b)"),
+        ("no prediction", 1, "no prediction for b (1 of 2 image(s) with dots"),
     ],
 )
 def test_bad_input_gives_one_error_line(run_cli, tmp_path: Path, kind: str, code: int, says: str) -> None:
