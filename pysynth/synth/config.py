@@ -51,6 +51,21 @@ class SynthConfig:
         debris_rate: Mean count of dark debris specks per 400×400 px (unlabelled distractors).
         blob_rate: Mean count of pale out-of-focus blobs per 400×400 px (unlabelled distractors).
         colour_jitter: Per-channel multiplicative jitter of optical density (background and nuclei separately).
+        guide: A trained segmenter (model folder, or ``"default"`` for the shipped one) that decides what of each
+            real tile is a nucleus (:mod:`pysynth.synth.guide`): only that is inpainted, so the tile's other purple
+            structure (cytoplasm, smudges, fibres) stays in backgrounds as an unlabelled negative; its confident
+            nuclei give the real densities and the transplant bank. Empty: the hematoxylin super-segmentation
+            decides, as published.
+        guide_threshold: Pixels with the guide's segmentation probability above this are inpainted (low: recall).
+        guide_dilate: Dilation of the guide's nuclear pixels before inpainting (px), so their halos go too.
+        guide_tta: Flips averaged in the guide's prediction (1, 2, 4 or 8).
+        guide_confident: A guide nucleus whose mean segmentation probability is at least this is "sure": its
+            density counts as a real nucleus' density, and it may be banked for transplanting.
+        darkness_floor: No labelled synthetic nucleus is fainter than this quantile of the densities of the tile's
+            sure real nuclei (0: only ``min_darkness``): a faint purple blob labelled "nucleus" teaches false nuclei.
+        transplant_fraction: Share of each patch's nuclei that are real nuclei of the tile (banked by the guide),
+            pasted with their own pixels (optical density added to the background) and the guide's mask as label,
+            beside the random polygons. Needs ``guide``.
     """
 
     size: int = 200
@@ -83,6 +98,13 @@ class SynthConfig:
     debris_rate: float = 3.0
     blob_rate: float = 1.5
     colour_jitter: float = 0.04
+    guide: str = ""
+    guide_threshold: float = 0.3
+    guide_dilate: int = 2
+    guide_tta: int = 4
+    guide_confident: float = 0.8
+    darkness_floor: float = 0.0
+    transplant_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str) -> None:
@@ -122,6 +144,15 @@ class SynthConfig:
         check(0.0 <= self.min_darkness <= 3.0, "min_darkness")
         check(self.debris_rate >= 0 and self.blob_rate >= 0, "debris_rate")
         check(0.0 <= self.colour_jitter < 0.5, "colour_jitter")
+        check(isinstance(self.guide, str), "guide")
+        check(0.0 < self.guide_threshold < 1.0, "guide_threshold")
+        check(0 <= self.guide_dilate <= 10, "guide_dilate")
+        check(self.guide_tta in (1, 2, 4, 8), "guide_tta")
+        check(0.0 <= self.guide_confident <= 1.0, "guide_confident")
+        check(0.0 <= self.darkness_floor < 1.0, "darkness_floor")
+        check(0.0 <= self.transplant_fraction <= 1.0, "transplant_fraction")
+        if self.transplant_fraction > 0 and not self.guide:
+            raise ValueError("SynthConfig.transplant_fraction needs a guide model (SynthConfig.guide)")
 
     def to_dict(self) -> dict:
         """JSON-able form (tuples become lists)."""

@@ -23,6 +23,7 @@ import numpy as np
 from pysynth.errors import PysynthError, SlideError
 from pysynth.fsutil import atomic_write_bytes, atomic_write_text
 from pysynth.synth.config import SynthConfig
+from pysynth.synth.guide import NucleusBank
 from pysynth.synth.source import SourceTile, prepare_source
 
 log = logging.getLogger("pysynth")
@@ -102,11 +103,14 @@ def collect_real_tiles(
     return kept, failures
 
 
-def _prepare_one(args: tuple[str, np.ndarray, dict, str]) -> None:
-    name, rgb, config, path = args
+def _prepare_one(args: tuple[str, np.ndarray, dict, str, Any]) -> None:
+    name, rgb, config, path, guide = args
     cv2.setNumThreads(1)
-    s = prepare_source(rgb, SynthConfig.from_dict(config), name)
+    s = prepare_source(rgb, SynthConfig.from_dict(config), name, guide)
     buffer = io.BytesIO()
+    bank = {}
+    if s.bank is not None:
+        bank = {"bank_boxes": s.bank.boxes, "bank_delta": s.bank.delta, "bank_mask": s.bank.mask}
     np.savez(
         buffer,
         rgb=s.rgb,
@@ -117,6 +121,8 @@ def _prepare_one(args: tuple[str, np.ndarray, dict, str]) -> None:
         texture=s.texture,
         density=np.float64(s.density),
         median_area=np.float64(s.median_area),
+        darkness_min=np.float64(s.darkness_min),
+        **bank,
     )
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -133,10 +139,15 @@ def save_sources(
     folder = out_dir / SOURCES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     todo = [
-        (name, rgb, config.to_dict(), str(folder / f"{k:05d}.npz"))
+        (name, rgb, config.to_dict(), str(folder / f"{k:05d}.npz"), None)
         for k, (name, rgb) in enumerate(tiles)
         if not (folder / f"{k:05d}.npz").exists()
     ]
+    if config.guide and todo:
+        from pysynth.synth.guide import guide_maps
+
+        log.info("running the synthesis guide %s on %d real tile(s)", config.guide, len(todo))
+        todo = [(*t[:4], guide_maps(config.guide, t[1], config.mpp, config.guide_tta)) for t in todo]
     if workers > 1 and len(todo) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -176,6 +187,8 @@ def load_sources(dataset_dir: str | Path) -> list[SourceTile]:
                     texture=z["texture"],
                     density=float(z["density"]),
                     median_area=float(z["median_area"]),
+                    darkness_min=float(z["darkness_min"]) if "darkness_min" in z else 0.0,
+                    bank=NucleusBank(z["bank_boxes"], z["bank_delta"], z["bank_mask"]) if "bank_boxes" in z else None,
                 )
             )
     return tiles

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from pysynth.synth.config import SynthConfig
+from pysynth.synth.guide import NucleusBank
 from pysynth.synth.source import SourceTile
 
 _BANK_SIDE = 1024
@@ -138,7 +139,15 @@ def nucleus_count_and_size(rng: np.random.Generator, source: SourceTile, config:
     scale_area = (config.size / 400.0) ** 2
     count = 0
     if rng.random() >= config.empty_fraction:
-        count = int(min(config.max_count_per_400, max(0.0, rng.normal(count_mean, count_sd))) * scale_area + 0.5)
+        # Empty patches are exactly the configured share: the count of the others is a normal truncated to at
+        # least one nucleus (clipping it at 0 made 20-30% of small patches of sparse tiles empty as well).
+        floor = 1.0 / scale_area
+        value = rng.normal(count_mean, count_sd)
+        for _ in range(16):
+            if value >= floor:
+                break
+            value = rng.normal(count_mean, count_sd)
+        count = max(1, int(min(config.max_count_per_400, max(floor, value)) * scale_area + 0.5))
     return count, min(size_hi, max(size_lo, rng.normal(size_mean, size_sd)))
 
 
@@ -163,7 +172,10 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
     px, py, rx, ry, tx, ty, qx, qy = (int(v) for v in corners)
     tissue = source.tissue[py : py + s, px : px + s]
     count, size_factor = nucleus_count_and_size(rng, source, config)
-    labels, centres = draw_patch_nuclei(rng, tissue, config, count, size_factor)
+    transplants = 0
+    if config.transplant_fraction > 0 and source.bank is not None and len(source.bank) and count:
+        transplants = int(rng.binomial(count, config.transplant_fraction))
+    labels, centres = draw_patch_nuclei(rng, tissue, config, count - transplants, size_factor)
     n = len(centres)
 
     labels16 = labels.astype(np.uint16)
@@ -174,7 +186,7 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
     soft = blur_mask(fg, config.blur_sigma[1])
     darkness = source.darkness[rng.integers(0, len(source.darkness), n + 1)].astype(np.float32)
     darkness *= rng.uniform(1 - config.darkness_jitter, 1 + config.darkness_jitter, n + 1).astype(np.float32)
-    np.maximum(darkness, np.float32(config.min_darkness), out=darkness)
+    np.maximum(darkness, np.float32(max(config.min_darkness, source.darkness_min)), out=darkness)
     jitter = rng.uniform(1 - config.colour_jitter, 1 + config.colour_jitter, 6)
     image = paint_nuclei(
         source.background[py : py + s, px : px + s],
@@ -202,7 +214,68 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
         extra=distractors(rng, s, config),
         check_labels=False,  # labels 1..n come from draw_nuclei and darkness has n + 1 entries
     )
+    if transplants:
+        image, labels16, centres = transplant_nuclei(rng, image, labels16, centres, tissue, source.bank, transplants)
     return SynthPatch(image, labels16, centres, (rx, ry), (px, py))
+
+
+_FEATHER = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+
+
+def transplant_nuclei(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    labels: np.ndarray,
+    centres: np.ndarray,
+    tissue: np.ndarray,
+    bank: NucleusBank,
+    count: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Paste up to ``count`` real nuclei of the bank into a painted patch, as labelled instances after the others.
+
+    Each nucleus is turned by a random symmetry of the square and placed where its centre is in tissue and it
+    keeps 2 px from every other nucleus. Its optical density above its own (inpainted) background is added to the
+    patch's (Beer–Lambert: densities add), weighted by its mask grown by 2 px and softened, so its own blurred edge
+    comes along without a seam; its label is the guide's mask.
+
+    Returns:
+        ``(image, labels, centres)`` with the new nuclei appended (labels n+1.., centres as ``(x, y)``).
+    """
+    from pysynth.synth.source import optical_density
+
+    s = image.shape[0]
+    od = optical_density(image).copy()
+    labels = labels.copy()
+    occupied = cv2.dilate(np.not_equal(labels, 0).view(np.uint8), _FEATHER)
+    added = []
+    next_id = int(labels.max()) + 1 if labels.size else 1
+    for _ in range(4 * count):
+        if len(added) == count or next_id > np.iinfo(labels.dtype).max:
+            break
+        delta, mask = bank.get(int(rng.integers(len(bank))))
+        turns, mirror = int(rng.integers(4)), bool(rng.random() < 0.5)
+        delta, mask = np.rot90(delta, turns), np.rot90(mask, turns)
+        if mirror:
+            delta, mask = delta[:, ::-1], mask[:, ::-1]
+        delta, mask = np.ascontiguousarray(delta), np.ascontiguousarray(mask)
+        h, w = mask.shape
+        if h > s or w > s:
+            continue
+        y, x = int(rng.integers(0, s - h + 1)), int(rng.integers(0, s - w + 1))
+        ys, xs = np.nonzero(mask)
+        cy, cx = float(ys.mean()) + 0.5, float(xs.mean()) + 0.5
+        if not tissue[min(s - 1, int(y + cy)), min(s - 1, int(x + cx))] or occupied[y : y + h, x : x + w][mask].any():
+            continue
+        weight = cv2.GaussianBlur(cv2.dilate(mask.view(np.uint8), _FEATHER).astype(np.float32), (5, 5), 1.0)
+        od[y : y + h, x : x + w] += delta * weight[..., None]
+        labels[y : y + h, x : x + w][mask] = next_id
+        occupied[y : y + h, x : x + w] |= cv2.dilate(mask.view(np.uint8), _FEATHER)
+        added.append((x + cx, y + cy))
+        next_id += 1
+    if not added:
+        return image, labels, centres
+    out = np.clip(256.0 * np.exp(-od) - 1.0 + 0.5, 0, 255).astype(np.uint8)
+    return out, labels, np.concatenate([centres, np.array(added, np.float32).reshape(-1, 2)])
 
 
 @cache

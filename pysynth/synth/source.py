@@ -9,12 +9,16 @@ count and size of synthetic nuclei adapt.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from pysynth.io.tissue import drop_small_objects
 from pysynth.synth.config import SynthConfig
+
+if TYPE_CHECKING:
+    from pysynth.synth.guide import GuideMaps, NucleusBank
 
 #: Ruifrok & Johnston stain vectors (optical density of hematoxylin, eosin, DAB), as in skimage.color.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
@@ -50,6 +54,9 @@ class SourceTile:
         texture: Zero-mean, unit-sd high-pass eosin texture, float32 ``(h, w)``.
         density: Otsu nuclear foreground fraction of the tile's tissue.
         median_area: Median area of its nuclear components in px (0 if none were found).
+        darkness_min: No labelled synthetic nucleus of this tile is painted fainter than this (optical density
+            along ``stain``; from ``SynthConfig.darkness_floor``, 0 when off).
+        bank: Real nuclei of the tile for transplanting (a guide's confident ones), or None.
     """
 
     name: str
@@ -62,6 +69,8 @@ class SourceTile:
     texture: np.ndarray
     density: float
     median_area: float
+    darkness_min: float = 0.0
+    bank: NucleusBank | None = None
 
 
 def segment_nuclear_material(
@@ -106,13 +115,18 @@ def segment_nuclear_material(
     return otsu_fg, super_mask, sub_mask, density, hema
 
 
-def prepare_source(rgb: np.ndarray, config: SynthConfig, name: str = "<array>") -> SourceTile:
+def prepare_source(
+    rgb: np.ndarray, config: SynthConfig, name: str = "<array>", guide: GuideMaps | None = None
+) -> SourceTile:
     """Prepare a real tile (already at ``config.mpp``) for synthesis.
 
     Args:
         rgb: RGB ``uint8`` ``(h, w, 3)``, at least ``config.size`` on each side.
         config: Synthesis parameters.
         name: Where the tile came from, for messages.
+        guide: A guide model's view of the tile (:func:`pysynth.synth.guide.guide_maps`); then its nuclei, not
+            the hematoxylin super-segmentation, are inpainted, and its sure nuclei give the real densities and
+            the transplant bank.
 
     Returns:
         The :class:`SourceTile`.
@@ -126,8 +140,27 @@ def prepare_source(rgb: np.ndarray, config: SynthConfig, name: str = "<array>") 
         raise ValueError(f"{name}: a source tile must be RGB uint8 (h, w, 3), got {rgb.dtype} {rgb.shape}")
     if min(rgb.shape[:2]) < config.size:
         raise ValueError(f"{name}: tile {rgb.shape[1]}×{rgb.shape[0]} px is smaller than a {config.size} px patch")
+    if guide is not None and guide.labels.shape != rgb.shape[:2]:
+        raise ValueError(f"{name}: guide maps {guide.labels.shape} do not fit the tile {rgb.shape[:2]}")
     rgb = np.ascontiguousarray(rgb)
     otsu_fg, super_mask, sub_mask, density, _ = segment_nuclear_material(rgb, config)
+    sure = None
+    if guide is not None:
+        sure_ids = guide.confidence >= config.guide_confident
+        sure_ids[0] = False
+        sure = sure_ids[guide.labels]
+        # The guide's nuclei, and whatever is darker than Otsu's threshold: a dark nucleus the guide missed (a thin
+        # spindle, say) must not stay in a background as a "not a nucleus" lesson; pale purple it does not call
+        # a nucleus stays.
+        nuclear = (guide.segmentation > config.guide_threshold) | (guide.labels > 0) | otsu_fg
+        if config.guide_dilate:
+            k = 2 * config.guide_dilate + 1
+            disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+            nuclear = cv2.dilate(nuclear.astype(np.uint8), disk).astype(bool)
+        super_mask = nuclear
+        core = cv2.erode(sure.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        if core.sum() > 50:
+            sub_mask = core
     background = inpaint_background(rgb, super_mask)
     od = optical_density(rgb)
     od_bg = optical_density(background)
@@ -138,11 +171,19 @@ def prepare_source(rgb: np.ndarray, config: SynthConfig, name: str = "<array>") 
             stain = np.clip(diff, 0.02, None).astype(np.float32)
     stain = stain / np.linalg.norm(stain)
     along = (od - od_bg) @ stain
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(super_mask.astype(np.uint8), connectivity=8)
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    sums = np.bincount(labels.ravel(), weights=along.ravel(), minlength=count)[1:]
-    darkness = (sums / np.maximum(areas, 1))[areas >= 30]
+    if guide is not None and sure is not None and sure.any():
+        real = _component_means(np.where(sure, guide.labels, 0), along, min_area=30)
+        darkness = real
+    else:
+        darkness = _component_means(_components(super_mask), along, min_area=30)
+        real = _component_means(_components(otsu_fg), along, min_area=30)
     darkness = darkness[darkness > 0.05].astype(np.float32)
+    darkness_min = 0.0
+    real = real[real > 0.05]
+    if config.darkness_floor > 0 and real.size >= 5:
+        darkness_min = float(np.quantile(real, config.darkness_floor))
+        kept = darkness[darkness >= darkness_min]
+        darkness = kept if kept.size >= 5 else np.maximum(darkness, darkness_min)
     if darkness.size < 5:
         darkness = np.array([0.5, 0.7, 0.9, 1.1, 1.3], np.float32)
     _, _, fg_stats, _ = cv2.connectedComponentsWithStats(otsu_fg.astype(np.uint8), connectivity=8)
@@ -153,6 +194,11 @@ def prepare_source(rgb: np.ndarray, config: SynthConfig, name: str = "<array>") 
     high = eosin - cv2.GaussianBlur(eosin, (0, 0), 4.0)
     texture = (high / (high.std() + 1e-6)).astype(np.float32)
     tissue = tissue_mask_from_rgb(rgb, config.mpp, min_object_um2=200.0, max_hole_um2=200.0)
+    bank = None
+    if guide is not None and config.transplant_fraction > 0:
+        from pysynth.synth.guide import nucleus_bank
+
+        bank = nucleus_bank(od, od_bg, guide, confident=config.guide_confident)
     return SourceTile(
         name=name,
         rgb=rgb,
@@ -160,11 +206,26 @@ def prepare_source(rgb: np.ndarray, config: SynthConfig, name: str = "<array>") 
         tissue=tissue,
         super_mask=super_mask,
         stain=stain,
-        darkness=np.sort(darkness),
+        darkness=np.sort(darkness).astype(np.float32),
         texture=texture,
         density=density,
         median_area=median_area,
+        darkness_min=darkness_min,
+        bank=bank,
     )
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    return labels
+
+
+def _component_means(labels: np.ndarray, values: np.ndarray, *, min_area: int) -> np.ndarray:
+    """Mean of ``values`` over each labelled component of at least ``min_area`` px (float64, label order)."""
+    n = int(labels.max()) if labels.size else 0
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=n + 1)[1:]
+    return (sums / np.maximum(areas, 1))[areas >= min_area]
 
 
 def inpaint_background(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
