@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pysynth.instances import InstanceConfig, instances_from_maps, watershed, watershed_reference
+from pysynth.instances import (
+    InstanceConfig,
+    find_instances,
+    instance_confidence,
+    instances_from_maps,
+    keep_instances,
+    watershed,
+    watershed_reference,
+)
 
 
 def _problem(seed: int, size: int, n_markers: int, plateaus: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,6 +106,90 @@ def test_instance_config_is_validated() -> None:
         InstanceConfig(connectivity=6)
     with pytest.raises(ValueError, match="one shape"):
         instances_from_maps(np.zeros((3, 3)), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="min_confidence"):
+        InstanceConfig(min_confidence=1.2)
+    with pytest.raises(ValueError, match="min_confidence"):
+        InstanceConfig(min_confidence=-0.1)
+
+
+# --- per-nucleus confidence ----------------------------------------------------------------------------------------
+
+
+def _random_maps(seed: int, shape: tuple[int, int] = (90, 130)) -> tuple[np.ndarray, np.ndarray]:
+    """Blobby probability maps giving a few dozen instances of varied confidence."""
+    rng = np.random.default_rng(seed)
+    seg = cv2.GaussianBlur(rng.random(shape).astype(np.float32), (0, 0), 3)
+    seg = (seg - seg.min()) / (seg.max() - seg.min())
+    det = cv2.GaussianBlur(rng.random(shape).astype(np.float32), (0, 0), 2)
+    det = (det - det.min()) / (det.max() - det.min())
+    return det, seg
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 40), gaps=st.booleans())
+def test_instance_confidence_matches_a_per_label_loop(seed: int, n: int, gaps: bool) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n + 1, (23, 31)).astype(np.int32)
+    if gaps and n:
+        labels[labels == max(1, n // 2)] = 0  # an absent label keeps its entry, 0
+    det = rng.random(labels.shape).astype(np.float32)
+    seg = rng.random(labels.shape).astype(np.float32)
+    mean_seg, peak = instance_confidence(labels, det, seg)
+    assert mean_seg.shape == peak.shape == (int(labels.max()) + 1,)
+    assert mean_seg[0] == peak[0] == 0
+    for k in range(1, int(labels.max()) + 1):
+        inside = labels == k
+        if not inside.any():
+            assert mean_seg[k] == peak[k] == 0
+            continue
+        assert mean_seg[k] == pytest.approx(float(np.mean(seg[inside], dtype=np.float64)), abs=1e-9)
+        assert peak[k] == float(det[inside].max())
+
+
+def test_instance_confidence_on_real_instances() -> None:
+    det, seg = _random_maps(3)
+    labels = instances_from_maps(det, seg, InstanceConfig(detection_threshold=0.6, foreground_threshold=0.5))
+    assert labels.max() > 5
+    mean_seg, peak = instance_confidence(labels, det, seg)
+    for k in range(1, int(labels.max()) + 1):
+        assert mean_seg[k] == pytest.approx(seg[labels == k].mean(), rel=1e-6)
+        assert peak[k] == det[labels == k].max()
+    assert np.all(mean_seg[1:] > 0.5)  # the foreground lies above the threshold (before smoothing, mostly)
+    with pytest.raises(ValueError, match="one shape"):
+        instance_confidence(labels[:-1], det, seg)
+
+
+def test_min_confidence_drops_exactly_the_nuclei_below_it() -> None:
+    det, seg = _random_maps(7)
+    base = InstanceConfig(detection_threshold=0.6, foreground_threshold=0.45, min_size=4)
+    everything = find_instances(det, seg, base)
+    n = everything.count
+    assert n > 10
+    conf = everything.confidence[1:]
+    threshold = float(np.median(conf))
+    kept = find_instances(det, seg, InstanceConfig(**{**base.__dict__, "min_confidence": threshold}))
+    expected = np.flatnonzero(conf >= threshold) + 1  # old ids of the nuclei that stay, in order
+    assert 0 < kept.count == len(expected) < n
+    # Ids renumbered consecutively in the old order, pixels unchanged, confidences carried along.
+    assert set(np.unique(kept.labels)) == set(range(kept.count + 1))
+    for new, old in enumerate(expected, start=1):
+        np.testing.assert_array_equal(kept.labels == new, everything.labels == old)
+    np.testing.assert_array_equal(kept.confidence[1:], conf[conf >= threshold])
+    np.testing.assert_array_equal(kept.detection_peak[1:], everything.detection_peak[expected])
+    assert np.all(kept.confidence[1:] >= threshold)
+    # instances_from_maps honours the same setting.
+    np.testing.assert_array_equal(
+        instances_from_maps(det, seg, InstanceConfig(**{**base.__dict__, "min_confidence": threshold})), kept.labels
+    )
+    # A threshold above every nucleus leaves none; 0 keeps all.
+    assert find_instances(det, seg, InstanceConfig(**{**base.__dict__, "min_confidence": 1.0})).count == 0
+    assert everything.above(0.0) is everything
+
+
+def test_keep_instances_renumbers_in_order() -> None:
+    labels = np.array([[0, 3, 3], [1, 0, 2], [4, 4, 0]], np.int32)
+    out = keep_instances(labels, np.array([True, True, False, True, False]))
+    np.testing.assert_array_equal(out, [[0, 2, 2], [1, 0, 0], [0, 0, 0]])
 
 
 def _shoelace(poly: np.ndarray) -> float:

@@ -24,7 +24,7 @@ import torch
 
 from pysynth.errors import PysynthError
 from pysynth.fsutil import atomic_write_bytes, atomic_write_text
-from pysynth.instances import InstanceConfig, instances_from_maps
+from pysynth.instances import InstanceConfig, find_instances
 from pysynth.models.io import normalise, save_model
 from pysynth.models.unet import UNet
 from pysynth.train.augment import augment
@@ -239,18 +239,28 @@ def predict_batch(model: UNet, images: np.ndarray) -> np.ndarray:
     return torch.sigmoid(model(x.contiguous(memory_format=torch.channels_last))).float().cpu().numpy()
 
 
+#: Minimum confidences :func:`choose_thresholds` tries (0 first: on a tie, nothing is dropped).
+MIN_CONFIDENCE_GRID = (0.0, 0.5, 0.6, 0.7, 0.8)
+
+
 def choose_thresholds(
-    maps: np.ndarray, labels: Sequence[np.ndarray], base: InstanceConfig
+    maps: np.ndarray,
+    labels: Sequence[np.ndarray],
+    base: InstanceConfig,
+    min_confidences: Sequence[float] = MIN_CONFIDENCE_GRID,
 ) -> tuple[InstanceConfig, list[dict[str, float]]]:
     """Grid-search post-processing for the best mean AJI (ties: PQ) on labelled patches.
 
-    Searched: the seed and foreground thresholds, the smoothing of the detection map (1 or 2 px: more merges the
-    several blobs a large or vesicular nucleus may give), and the minimum size (``base.min_size`` or twice it).
+    Searched together: the seed and foreground thresholds, the smoothing of the detection map (1 or 2 px: more
+    merges the several blobs a large or vesicular nucleus may give), the minimum size (``base.min_size`` or twice
+    it) and the minimum confidence (``min_confidences``: instances whose mean segmentation probability is below it
+    are dropped). The instances of each setting are made once and filtered for every minimum confidence.
 
     Args:
         maps: ``(N, 2, H, W)`` probabilities of the patches.
         labels: Their true instance labels.
         base: Other post-processing settings.
+        min_confidences: The minimum confidences tried.
 
     Returns:
         ``(best, table)``: the best configuration and every tried one's settings and mean scores, best first.
@@ -268,11 +278,14 @@ def choose_thresholds(
                         foreground_threshold=fg_t,
                         detection_sigma=sigma,
                         min_size=min_size,
+                        min_confidence=0.0,
                     )
-                    s = mean_scores(
-                        [score(lab, instances_from_maps(m[0], m[1], cfg)) for m, lab in zip(maps, labels, strict=True)]
-                    )
-                    table.append({**asdict(cfg), **s.to_dict()})
+                    found = [find_instances(m[0], m[1], cfg) for m in maps]
+                    for min_confidence in min_confidences:
+                        s = mean_scores(
+                            [score(lab, f.above(min_confidence).labels) for f, lab in zip(found, labels, strict=True)]
+                        )
+                        table.append({**asdict(replace(cfg, min_confidence=float(min_confidence))), **s.to_dict()})
     table.sort(key=lambda row: (row["aji"], row["pq"]), reverse=True)
     best = InstanceConfig(**{k: table[0][k] for k in asdict(base)})
     return best, table
