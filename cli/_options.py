@@ -46,6 +46,25 @@ precision_option = click.option(
     "native bf16 units).",
 )
 
+tta_option = click.option(
+    "--tta",
+    type=click.Choice(["1", "2", "4", "8"]),
+    default="1",
+    show_default=True,
+    callback=lambda ctx, param, value: int(value),
+    help="Test-time augmentation: average the network's maps over N flips/rotations of the input (2: + mirror; "
+    "4: + the half turn and up-down mirror; 8: all, with the quarter turns). N times the network's cost.",
+)
+min_confidence_option = click.option(
+    "--min-confidence",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    metavar="C",
+    help="Drop nuclei whose confidence (mean segmentation probability over their pixels) is below C; the rest "
+    "are renumbered. [default: the model's own, chosen without labels on held-out synthetic patches when it was "
+    "trained; 0 keeps all]",
+)
+
 
 def resolve_precision(precision: str, device_type: str) -> str:
     """``--precision`` for a device: ``auto`` becomes fp16 on CUDA and fp32 elsewhere; fp16 needs CUDA."""

@@ -7,10 +7,12 @@ import click
 from pysynth.cli._options import (
     device_option,
     input_mpp_option,
+    min_confidence_option,
     out_option,
     precision_option,
     resolve_precision,
     setup_logging,
+    tta_option,
 )
 
 _SETTINGS = ".pysynth-segment.json"
@@ -28,14 +30,20 @@ _SETTINGS = ".pysynth-segment.json"
 )
 @input_mpp_option
 @out_option
+@tta_option
+@min_confidence_option
 @device_option
 @precision_option
-@click.option("--overwrite", is_flag=True, help="Replace results in --out made with another model.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace results in --out made with another model, --tta or --min-confidence."
+)
 def segment_command(
     images: tuple[str, ...],
     model_dir: str | None,
     input_mpp: float | None,
     out_dir: str,
+    tta: int,
+    min_confidence: float | None,
     device: str,
     precision: str,
     overwrite: bool,
@@ -43,30 +51,38 @@ def segment_command(
     """Segment nuclei in images or small slides; writes <stem>_labels.png, <stem>.geojson, <stem>_overlay.png.
 
     Labels are 16-bit PNGs at the input's own size (32-bit TIFF above 65,535 nuclei); polygons are in the
-    input's pixel coordinates. Images already finished in --out by the same model are skipped.
+    input's pixel coordinates, each with the measurements Confidence (mean segmentation probability over the
+    nucleus) and Detection peak (its highest detection probability). The network sees each image as `pysynth
+    infer` sees a slide (one pass up to 2,048 px at the model's resolution, beyond that 2,048 px cores with
+    128 px of context), so both give the same nuclei. Images already finished in --out with the same model and
+    settings are skipped.
     """
     import json
     import time
+    from dataclasses import replace
 
     import torch
     from tqdm import tqdm
 
     from pysynth.errors import PysynthError, SlideError
     from pysynth.fsutil import atomic_write_text, prepare_output_dir
+    from pysynth.infer import keep_freed_memory
     from pysynth.io import open_slide, read_region
     from pysynth.models.io import default_model_dir, load_model, model_digest
     from pysynth.models.unet import fold_batchnorm
-    from pysynth.segment import MAX_PIXELS, output_paths, resolve_device, segment_rgb, write_outputs
+    from pysynth.segment import MAX_PIXELS, output_paths, resolve_device, segment_image, write_outputs
     from pysynth.sources import collect_sources, unique_names
 
     setup_logging()
+    keep_freed_memory()  # the network's large activations are reused, not mapped afresh (infer does the same)
     paths = collect_sources(images)
     folder = default_model_dir() if model_dir is None else model_dir
     model, info = load_model(folder)
     dev = resolve_device(device)
     model = fold_batchnorm(model).to(dev).to(memory_format=torch.channels_last)
     precision = resolve_precision(precision, dev.type)
-    settings = {"model": model_digest(folder)}
+    instances = info.instances if min_confidence is None else replace(info.instances, min_confidence=min_confidence)
+    settings = {"model": model_digest(folder), "tta": tta, "min_confidence": instances.min_confidence}
     out = prepare_output_dir(out_dir)
     settings_path = out / _SETTINGS
     if settings_path.exists() and not overwrite:
@@ -76,7 +92,8 @@ def segment_command(
             old = None
         if old != settings:
             raise PysynthError(
-                f"{out}: holds results of another model; use another --out, or --overwrite to replace them"
+                f"{out}: holds results of another model or other settings (--tta, --min-confidence); use another "
+                "--out, or --overwrite to replace them"
             )
     atomic_write_text(settings_path, json.dumps(settings) + "\n")
 
@@ -96,7 +113,7 @@ def segment_command(
                 rgb = read_region(reader, 0, 0, (h, w), reader.mpp)
                 mpp = reader.mpp
             started = time.perf_counter()
-            labels = segment_rgb(model, info, rgb, mpp, precision=precision)
+            found = segment_image(model, info, rgb, mpp, instances, precision=precision, tta=tta)
             seconds += time.perf_counter() - started
         except SlideError as exc:
             failures.append(str(exc))
@@ -104,10 +121,10 @@ def segment_command(
         except PysynthError as exc:
             failures.append(f"{path}: {exc}")
             continue
-        write_outputs(out, stem, rgb, labels)
+        write_outputs(out, stem, rgb, found)
         done += 1
-        nuclei += int(labels.max())
-        pixels += labels.size * (mpp / info.mpp) ** 2  # pixels the network saw, at the model's resolution
+        nuclei += found.count
+        pixels += found.labels.size * (mpp / info.mpp) ** 2  # pixels the network saw, at the model's resolution
     rate = f", {pixels / seconds / 1e6:.2f} Mpx/s at {info.mpp:g} µm/px" if seconds > 0 else ""
     click.echo(
         f"segmented {done} image(s), {nuclei} nuclei{rate}"

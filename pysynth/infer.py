@@ -1,18 +1,21 @@
 """Whole-slide inference: every nucleus of a slide, found once and whole, in bounded memory, resumable.
 
 The slide is cut, at the model's resolution, into square *regions* (``core`` px) on a fixed grid; regions without
-tissue are skipped. Each region is read with a ``margin`` of context on every side (resampled from the best
-pyramid level by :func:`pysynth.io.read_region`), colour-normalised with statistics fitted once per slide, passed
-through the network in one piece and turned into instances. A nucleus belongs to the region whose core holds its
-centroid: nuclei near a core's edge are seen whole thanks to the margin, and exactly one region keeps each of them,
-so there are neither split nor duplicated nuclei at region borders and no global label image is ever built.
+tissue are skipped. Each region is read with a ``margin`` of context on every side, cut at the slide's edges
+(resampled from the best pyramid level by :func:`pysynth.io.read_region`), colour-normalised if asked with
+statistics fitted once per slide, passed through the network in one piece (averaged over ``tta`` flips/rotations)
+and turned into instances, each with its confidence; those below the minimum confidence are dropped. A nucleus
+belongs to the region whose core holds its centroid: nuclei near a core's edge are seen whole thanks to the
+margin, and exactly one region keeps each of them, so there are neither split nor duplicated nuclei at region
+borders and no global label image is ever built.
 
 Each finished region is written at once (atomically) to ``OUT/<stem>/.parts/``; an interrupted run continues from
 the regions it has, and since a region's result depends only on the slide, the model and these settings, the
 result is the same as an uninterrupted run's. When all regions are done the parts are streamed into
-``nuclei.geojson`` (QuPath detections with measurements, level-0 coordinates), ``csv/`` (one CSV of polygons per
-region, the format of the method's released code), ``overlay.png`` and, last, ``summary.json``, whose presence marks
-a finished slide. Memory is bounded by one region's working set, whatever the slide's size.
+``nuclei.geojson`` (QuPath detections with measurements, confidences included, level-0 coordinates), ``csv/``
+(one CSV of polygons per region, the format of the method's released code), ``overlay.png`` and, last,
+``summary.json``, whose presence marks a finished slide. Memory is bounded by one region's working set, whatever
+the slide's size.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +37,12 @@ import torch
 
 from pysynth.errors import PysynthError
 from pysynth.fsutil import atomic_write_bytes, atomic_write_text, atomic_writer
-from pysynth.instances import InstanceConfig, instances_from_maps, trace_contours
+from pysynth.instances import InstanceConfig, find_instances, trace_contours
 from pysynth.io import SlideReader, compute_tissue_mask, read_region, read_thumbnail
 from pysynth.io.tissue import TissueMask
 from pysynth.models.io import ModelInfo, model_digest
 from pysynth.models.unet import UNet
-from pysynth.segment import predict_maps
+from pysynth.segment import CONFIDENCE, DETECTION_PEAK, TTA_CHOICES, predict_maps
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +69,17 @@ class InferConfig:
 
     Attributes:
         core: Side of the regions that own nuclei, in pixels at the model's resolution.
-        margin: Context read around each region's core, in pixels at the model's resolution. It must exceed the
-            largest nucleus' radius (nuclei are owned by their centroid) and be wide enough that the network's
-            output near the core's edge does not depend on what lies beyond the margin.
-        normalise: ``"reinhard"`` (L*a*b* mean and deviation of the slide's tissue to the model's training
-            tissue), ``"macenko"`` (stain vectors and the 99th percentile of stain concentrations to the usual
-            reference) or ``"none"``. On the 13 labelled dev tiles (DICE avg / AJI / PQ) Reinhard gives 0.683 /
-            0.521 / 0.475, Macenko 0.691 / 0.533 / 0.491, none 0.685 / 0.525 / 0.482: differences at the noise
-            level. Macenko is not the default because it washes out slides with many dark nuclei (their 99th
-            percentile of haematoxylin is scaled down): on the bundled dermis slide it lost a third of the nuclei.
+        margin: Context read around each region's core, in pixels at the model's resolution (cut at the slide's
+            edges: the network sees no made-up pixels beyond the slide, as ``segment`` sees none beyond an image).
+            It must exceed the largest nucleus' radius (nuclei are owned by their centroid) and be wide enough that
+            the network's output near the core's edge does not depend on what lies beyond the margin.
+        normalise: ``"none"`` (default), ``"reinhard"`` (L*a*b* mean and deviation of the slide's tissue to the
+            model's training tissue) or ``"macenko"`` (stain vectors and the 99th percentile of stain
+            concentrations to the usual reference). On the 13 labelled dev tiles (DICE avg / AJI / PQ) Reinhard
+            gives 0.683 / 0.521 / 0.475, Macenko 0.691 / 0.533 / 0.491, none 0.685 / 0.525 / 0.482: differences at
+            the noise level; on held-out real tissue Reinhard lowered accuracy, so none is the default. Macenko
+            washes out slides with many dark nuclei (their 99th percentile of haematoxylin is scaled down): on the
+            bundled dermis slide it lost a third of the nuclei.
         tile: 0 (default): the network sees each window in one pass, so a region's output does not depend on any
             tiling inside it. Otherwise it runs over the window in tiles of this side, blended across
             ``tile_overlap``: on this project's 2-core CPU 512 px tiles with 64 px overlaps ran 1.45× faster than
@@ -82,6 +87,9 @@ class InferConfig:
             on the bundled slide 0.83-0.87 against 0.78-0.79 Mpx/s, both before :func:`keep_freed_memory`) and
             need less memory, but their blended seams move a few nucleus outlines (IoU 0.87-0.95 against one pass).
         tile_overlap: Overlap of those tiles.
+        tta: Flips/rotations of each window averaged by the network stage (1, 2, 4 or 8; ``tta`` times its cost).
+        min_confidence: Nuclei whose confidence (mean segmentation probability over their pixels) is below this
+            are dropped; ``None``: the model's own ``instances.min_confidence``.
         precision: Network arithmetic: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU).
         min_tissue: A region is processed when the tissue fraction of its core exceeds this.
         overlay_mpp: Resolution of ``overlay.png`` (coarsened further for slides above 8,000 px at it).
@@ -91,7 +99,9 @@ class InferConfig:
     margin: int = 128
     tile: int = 0
     tile_overlap: int = 64
-    normalise: str = "reinhard"
+    normalise: str = "none"
+    tta: int = 1
+    min_confidence: float | None = None
     precision: str = "fp32"
     min_tissue: float = 0.0
     overlay_mpp: float = 2.0
@@ -107,6 +117,16 @@ class InferConfig:
             raise ValueError(f"normalise must be reinhard, macenko or none, got {self.normalise!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.tta not in TTA_CHOICES:
+            raise ValueError(f"tta must be one of {', '.join(map(str, TTA_CHOICES))}, got {self.tta!r}")
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+
+    def instances(self, model: InstanceConfig) -> InstanceConfig:
+        """The post-processing a run uses: the model's, with ``min_confidence`` replaced when one is given."""
+        if self.min_confidence is None:
+            return model
+        return replace(model, min_confidence=self.min_confidence)
 
 
 # --- colour normalisation ---------------------------------------------------------------------------------------
@@ -261,11 +281,26 @@ class Timings:
     write: float = 0.0
 
 
-def read_window(reader: SlideReader, region: Region, mpp: float, margin: int) -> np.ndarray:
-    """A region's core with ``margin`` px of context on every side, at ``mpp`` (outside the slide is white)."""
+def window_box(region: Region, margin: int, slide_hw: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` in model px: a region's core with ``margin`` px around it, cut to ``slide_hw`` if given."""
+    x0, y0 = region.x - margin, region.y - margin
+    x1, y1 = region.x + region.w + margin, region.y + region.h + margin
+    if slide_hw is not None:
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(slide_hw[1], x1), min(slide_hw[0], y1)
+    return x0, y0, x1, y1
+
+
+def read_window(
+    reader: SlideReader, region: Region, mpp: float, margin: int, slide_hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """A region's core with ``margin`` px of context on every side, at ``mpp``.
+
+    With ``slide_hw`` (the slide's extent at ``mpp``) the window stops at the slide's edges (what ``infer``
+    reads); without, it keeps its full size and what lies outside the slide is white.
+    """
     f = mpp / reader.mpp
-    shape = (region.h + 2 * margin, region.w + 2 * margin)
-    return read_region(reader, (region.x - margin) * f, (region.y - margin) * f, shape, mpp)
+    x0, y0, x1, y1 = window_box(region, margin, slide_hw)
+    return read_region(reader, x0 * f, y0 * f, (y1 - y0, x1 - x0), mpp)
 
 
 def _ring_ok(ring: np.ndarray) -> np.ndarray:
@@ -294,7 +329,7 @@ def region_nuclei(
     det: np.ndarray,
     seg: np.ndarray,
     region: Region,
-    margin: int,
+    origin: tuple[int, int],
     instances: InstanceConfig,
     mpp: float,
     level0_per_px: float,
@@ -307,16 +342,17 @@ def region_nuclei(
         det: Detection probability map of the window.
         seg: Segmentation probability map of the window.
         region: The region.
-        margin: Context px on each side of the core.
-        instances: Post-processing settings.
+        origin: ``(x, y)`` of the window's top left corner in slide px at the model's resolution.
+        instances: Post-processing settings (``min_confidence`` included).
         mpp: The model's µm/px.
         level0_per_px: Level-0 pixels per model pixel.
         slide_hw: The slide's extent in model pixels (nuclei beyond it are dropped).
     """
     from pysynth.synth.deconv import rgb_to_hed
 
-    labels = instances_from_maps(det, seg, instances)
-    n = int(labels.max())
+    found = find_instances(det, seg, instances)
+    labels = found.labels
+    n = found.count
     if n == 0:
         return []
     # Statistics over nucleus pixels only (a fraction of the window).
@@ -329,7 +365,7 @@ def region_nuclei(
     hema = rgb_to_hed(original.reshape(-1, 3)[where][None])[0, :, 0]
     mean_h = np.bincount(ids, weights=hema, minlength=n + 1) / np.maximum(counts, 1)
     # Centroids in slide model pixels; a nucleus is this region's when its centroid lies in the core.
-    gx, gy = cx + region.x - margin, cy + region.y - margin
+    gx, gy = cx + origin[0], cy + origin[1]
     owned = (
         (gx >= region.x) & (gx < region.x + region.w) & (gy >= region.y) & (gy < region.y + region.h)
         & (gx < slide_hw[1]) & (gy < slide_hw[0])
@@ -342,7 +378,7 @@ def region_nuclei(
         ring = _ring_ok(rings[k - 1])
         if len(ring) < 3:
             continue
-        poly = (ring + np.array([region.x - margin, region.y - margin])) * f
+        poly = (ring + np.array(origin)) * f
         closed = np.vstack([ring, ring[:1]])
         perimeter = float(np.hypot(*np.diff(closed, axis=0).T).sum()) * mpp
         out.append(
@@ -353,6 +389,8 @@ def region_nuclei(
                 "perimeter_um": round(perimeter, 3),
                 "centroid": [round(float(gx[k] * f), 2), round(float(gy[k] * f), 2)],
                 "hematoxylin": round(float(mean_h[k]), 4),
+                "confidence": round(float(found.confidence[k]), 4),
+                "detection_peak": round(float(found.detection_peak[k]), 4),
             }
         )
     return out
@@ -422,6 +460,8 @@ def _feature(nuc: dict[str, Any], ident: int) -> dict[str, Any]:
                 "Centroid X px": nuc["centroid"][0],
                 "Centroid Y px": nuc["centroid"][1],
                 "Hematoxylin OD mean": nuc["hematoxylin"],
+                CONFIDENCE: nuc["confidence"],
+                DETECTION_PEAK: nuc["detection_peak"],
             },
         },
     }
@@ -513,10 +553,12 @@ def infer_slide(
 
     keep_freed_memory()
     slide_dir.mkdir(parents=True, exist_ok=True)
+    instances = config.instances(info.instances)
     settings = {
         "slide": Path(str(reader.name)).name,
         "model": model_id,
         "config": asdict(config),
+        "instances": asdict(instances),
         "slide_mpp": reader.mpp,
         "level0_hw": list(reader.level_shapes_hw[0]),
     }
@@ -557,7 +599,8 @@ def infer_slide(
     timings.prepare += time.perf_counter() - t
     regions = plan_regions(reader, mpp, config, tissue)
     todo = [r for r in regions if not (parts / f"{r.index:06d}.json").exists()]
-    window_px = sum((r.w + 2 * config.margin) * (r.h + 2 * config.margin) for r in todo)
+    boxes = {r.index: window_box(r, config.margin, slide_hw) for r in todo}
+    window_px = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes.values())
     lookup = window_px > 20e6  # the colour table pays for itself from about four default regions
     resumed = len(regions) - len(todo)
     nuclei_so_far = 0
@@ -567,14 +610,15 @@ def infer_slide(
 
     def load(region: Region) -> tuple[np.ndarray, np.ndarray, float, float]:
         t0 = time.perf_counter()
-        window = read_window(reader, region, mpp, config.margin)
+        window = read_window(reader, region, mpp, config.margin, slide_hw)
         t1 = time.perf_counter()
         normalised = colour.apply(window, lookup=lookup)
         return window, normalised, t1 - t0, time.perf_counter() - t1
 
     def finish(region: Region, window: np.ndarray, det: np.ndarray, seg: np.ndarray) -> tuple[int, float, float]:
         t0 = time.perf_counter()
-        nuclei = region_nuclei(window, det, seg, region, config.margin, info.instances, mpp, f, slide_hw)
+        origin = boxes[region.index][:2]
+        nuclei = region_nuclei(window, det, seg, region, origin, instances, mpp, f, slide_hw)
         t1 = time.perf_counter()
         record = {"region": asdict(region), "nuclei": nuclei}
         atomic_write_text(parts / f"{region.index:06d}.json", json.dumps(record, separators=(",", ":")))
@@ -608,8 +652,9 @@ def infer_slide(
             t0 = time.perf_counter()
             side = config.tile or max(normalised.shape[:2])
             det, seg = predict_maps(
-                model, normalised, tile=side, overlap=config.tile_overlap, batch=1, precision=config.precision
-            )
+                model, normalised, tile=side, overlap=config.tile_overlap, batch=1, precision=config.precision,
+                tta=config.tta,
+            )  # fmt: skip
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             timings.network += time.perf_counter() - t0

@@ -1,8 +1,11 @@
-"""Segmenting images with a trained model: tiled network pass, instances, outputs (labels, GeoJSON, overlay).
+"""Segmenting images with a trained model: network pass, instances with confidences, outputs (labels, GeoJSON, overlay).
 
-Images are resampled to the model's resolution, the network runs over overlapping tiles whose outputs are
-blended with weights that fall off towards tile edges (no seams), instances are made from the blended maps
-(:func:`pysynth.instances.instances_from_maps`) and mapped back to the image's own pixel grid.
+Images are resampled to the model's resolution exactly as ``pysynth infer`` reads slides
+(:func:`pysynth.io.read_region`). The network sees the image the way ``infer`` sees a slide: in one pass up to
+:data:`CORE` px a side, beyond that in cores of :data:`CORE` px, each run with :data:`CONTEXT` px of context on every
+side (cut at the image's edges) and kept on its core only (no blending). Instances are made from the maps
+(:func:`pysynth.instances.find_instances`, each with its confidence) and mapped back to the image's own pixel grid
+by the model pixel that holds each image pixel's centre, the way ``infer``'s polygons fall on a slide's pixels.
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ import torch
 
 from pysynth.errors import PysynthError
 from pysynth.fsutil import atomic_write_bytes, atomic_write_text
-from pysynth.instances import InstanceConfig, instances_from_maps, trace_contours
+from pysynth.instances import InstanceConfig, Instances, find_instances, trace_contours
 from pysynth.io.grid import tile_grid
 from pysynth.models.io import ModelInfo, normalise
 from pysynth.models.unet import UNet
 
 #: Largest image `segment` reads whole, in pixels at the model's resolution (whole slides: `pysynth infer`).
 MAX_PIXELS = 400_000_000
+
+#: Side of the cores `segment` runs the network on, and the context around each: ``infer``'s region defaults, so
+#: both commands give the same maps on the same pixels.
+CORE = 2048
+CONTEXT = 128
 
 
 def _ramp(n: int, margin: int) -> np.ndarray:
@@ -51,8 +59,107 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-@torch.no_grad()
+#: Test-time augmentation: how many of the 8 flips/rotations of the square's symmetry group to average.
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+def dihedral_transforms(n: int) -> list[tuple[int, bool]]:
+    """The first ``n`` of the 8 symmetries as ``(quarter turns, mirror)``.
+
+    1: identity; 2: + left-right mirror; 4: + the half turn and the up-down mirror (flips only: no
+    transposition, so anisotropic scanner artefacts stay along their axes); 8: the whole group.
+    """
+    if n not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {TTA_CHOICES}, got {n!r}")
+    order = [(0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True)]
+    return order[:n]
+
+
+def _forward(a: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    a = np.rot90(a, turns, axes=(0, 1))
+    return a[:, ::-1] if mirror else a
+
+
+def _inverse(a: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    a = a[:, ::-1] if mirror else a
+    return np.rot90(a, -turns, axes=(0, 1))
+
+
 def predict_maps(
+    model: UNet,
+    rgb: np.ndarray,
+    *,
+    tile: int = 1024,
+    overlap: int = 64,
+    batch: int = 2,
+    precision: str = "fp32",
+    tta: int = 1,
+    context: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The detection and segmentation probability maps of an RGB image, averaged over ``tta`` symmetries.
+
+    With ``tta > 1`` the image is also passed flipped and rotated (:func:`dihedral_transforms`) and the
+    probability maps, mapped back, are averaged: ``tta`` times the network's cost.
+
+    With ``context`` the image is cut into cores of ``tile`` px (a regular grid from the top left corner; one pass
+    when the image fits one core), each passed with ``context`` px of the image around it (less at the image's
+    edges) and kept on its core only: ``segment``'s and ``infer``'s layout. Without it, tiles of ``tile`` px are
+    blended across ``overlap`` (see :func:`_predict_maps_once`).
+
+    Returns:
+        ``(detection, segmentation)``, float32 ``(h, w)`` each.
+    """
+    transforms = dihedral_transforms(tta)
+    if context is not None:
+        if context < 0:
+            raise ValueError(f"context must be non-negative, got {context}")
+
+        def once(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _predict_cores(model, image, core=tile, context=context, precision=precision)
+    else:
+
+        def once(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _predict_maps_once(model, image, tile=tile, overlap=overlap, batch=batch, precision=precision)
+
+    if len(transforms) == 1:
+        return once(rgb)
+    det = np.zeros(rgb.shape[:2], np.float32)
+    seg = np.zeros(rgb.shape[:2], np.float32)
+    for turns, mirror in transforms:
+        view = np.ascontiguousarray(_forward(rgb, turns, mirror))
+        d, s = once(view)
+        det += _inverse(d, turns, mirror)
+        seg += _inverse(s, turns, mirror)
+    det /= len(transforms)
+    seg /= len(transforms)
+    return det, seg
+
+
+def _predict_cores(
+    model: UNet, rgb: np.ndarray, *, core: int, context: int, precision: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Maps over cores of ``core`` px, each seen in one pass with ``context`` px around it (cut at the edges)."""
+    h, w = rgb.shape[:2]
+    if h <= core and w <= core:
+        return _predict_maps_once(model, rgb, tile=max(h, w), overlap=0, batch=1, precision=precision)
+    det = np.empty((h, w), np.float32)
+    seg = np.empty((h, w), np.float32)
+    for y in range(0, h, core):
+        for x in range(0, w, core):
+            y0, x0 = max(0, y - context), max(0, x - context)
+            y1, x1 = min(h, y + core + context), min(w, x + core + context)
+            window = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+            d, s = _predict_maps_once(
+                model, window, tile=max(y1 - y0, x1 - x0), overlap=0, batch=1, precision=precision
+            )
+            ch, cw = min(core, h - y), min(core, w - x)
+            det[y : y + ch, x : x + cw] = d[y - y0 : y - y0 + ch, x - x0 : x - x0 + cw]
+            seg[y : y + ch, x : x + cw] = s[y - y0 : y - y0 + ch, x - x0 : x - x0 + cw]
+    return det, seg
+
+
+@torch.no_grad()
+def _predict_maps_once(
     model: UNet,
     rgb: np.ndarray,
     *,
@@ -87,7 +194,7 @@ def predict_maps(
     H, W = image.shape[:2]
     if max(H, W) <= 1.5 * tile:
         tile = max(H, W)
-    grid = tile_grid((H, W), tile, min(overlap, tile - multiple), edge="shift")
+    grid = tile_grid((H, W), tile, max(0, min(overlap, tile - multiple)), edge="shift")
     total = np.zeros((2, H, W), np.float32)
     weight = np.zeros((H, W), np.float32)
     for start in range(0, len(grid), batch):
@@ -108,6 +215,82 @@ def predict_maps(
     return total[0, :h, :w], total[1, :h, :w]
 
 
+def model_extent(hw: tuple[int, int], mpp: float, model_mpp: float) -> tuple[int, int]:
+    """``(height, width)`` at ``model_mpp`` of an image of ``hw`` px at ``mpp`` (``infer``'s slide extent)."""
+    f = mpp / model_mpp  # model pixels per image pixel
+    return max(1, math.ceil(hw[0] * f - 1e-9)), max(1, math.ceil(hw[1] * f - 1e-9))
+
+
+def to_model_grid(rgb: np.ndarray, mpp: float, model_mpp: float) -> np.ndarray:
+    """The image resampled to ``model_mpp`` as ``infer`` reads a slide (:func:`pysynth.io.read_region`)."""
+    from pysynth.io import ArrayReader, read_region
+
+    shape = model_extent(rgb.shape[:2], mpp, model_mpp)
+    if shape == rgb.shape[:2] and abs(mpp - model_mpp) < 1e-12:
+        return rgb
+    return read_region(ArrayReader(rgb, mpp), 0, 0, shape, model_mpp)
+
+
+def to_image_grid(labels: np.ndarray, hw: tuple[int, int], mpp: float, model_mpp: float) -> np.ndarray:
+    """Labels at ``model_mpp`` mapped to an image's pixels: each takes the model pixel holding its centre."""
+    if labels.shape == tuple(hw) and abs(mpp - model_mpp) < 1e-12:
+        return labels
+    f = mpp / model_mpp
+    rows = np.minimum(np.floor((np.arange(hw[0]) + 0.5) * f).astype(np.int64), labels.shape[0] - 1)
+    cols = np.minimum(np.floor((np.arange(hw[1]) + 0.5) * f).astype(np.int64), labels.shape[1] - 1)
+    return np.ascontiguousarray(labels[rows[:, None], cols[None, :]])
+
+
+def segment_image(
+    model: UNet,
+    info: ModelInfo,
+    rgb: np.ndarray,
+    mpp: float,
+    instances: InstanceConfig | None = None,
+    *,
+    precision: str = "fp32",
+    tta: int = 1,
+    core: int = CORE,
+    context: int = CONTEXT,
+) -> Instances:
+    """Nuclei of an RGB image at ``mpp`` µm/px with their confidences, labels on the image's own pixel grid.
+
+    Args:
+        model: The network (eval mode).
+        info: Its description (resolution, post-processing).
+        rgb: ``(h, w, 3)`` uint8.
+        mpp: The image's µm/px.
+        instances: Post-processing (default: the model's, ``min_confidence`` included).
+        precision: Network arithmetic.
+        tta: Flips/rotations averaged (:func:`predict_maps`).
+        core: Cores the network runs on (px at the model's resolution).
+        context: Context around each core.
+
+    Returns:
+        :class:`~pysynth.instances.Instances` whose labels are int32 ``(h, w)``; confidences are computed at the
+        model's resolution and carried per label (a nucleus too small to hold an image pixel's centre keeps its
+        entry but no pixel).
+
+    Raises:
+        PysynthError: If the image is smaller than the network's minimum or too large for one array.
+    """
+    h, w = rgb.shape[:2]
+    multiple = 2**info.unet.depth
+    size_h, size_w = model_extent((h, w), mpp, info.mpp)
+    if min(size_h, size_w) < multiple:
+        raise PysynthError(
+            f"image is {w}×{h} px at {mpp:g} µm/px: smaller than the network's minimum of {multiple} px at "
+            f"{info.mpp:g} µm/px"
+        )
+    if size_h * size_w > MAX_PIXELS:
+        raise PysynthError(f"image is {size_w}×{size_h} px at {info.mpp:g} µm/px: too large for segment (use infer)")
+    scaled = to_model_grid(rgb, mpp, info.mpp)
+    det, seg = predict_maps(model, scaled, tile=core, context=context, precision=precision, tta=tta)
+    found = find_instances(det, seg, instances or info.instances)
+    labels = to_image_grid(found.labels, (h, w), mpp, info.mpp)
+    return Instances(labels, found.confidence, found.detection_peak)
+
+
 def segment_rgb(
     model: UNet,
     info: ModelInfo,
@@ -116,31 +299,23 @@ def segment_rgb(
     instances: InstanceConfig | None = None,
     *,
     precision: str = "fp32",
+    tta: int = 1,
 ) -> np.ndarray:
-    """Instance labels of an RGB image at ``mpp`` µm/px, on the image's own pixel grid (int32)."""
-    h, w = rgb.shape[:2]
-    f = mpp / info.mpp  # model pixels per image pixel
-    multiple = 2**info.unet.depth
-    size = (max(1, round(w * f)), max(1, round(h * f)))
-    if min(size) < multiple:
-        raise PysynthError(
-            f"image is {w}×{h} px at {mpp:g} µm/px: smaller than the network's minimum of {multiple} px at "
-            f"{info.mpp:g} µm/px"
-        )
-    if size[0] * size[1] > MAX_PIXELS:
-        raise PysynthError(f"image is {size[0]}×{size[1]} px at {info.mpp:g} µm/px: too large for segment (use infer)")
-    scaled = (
-        rgb if size == (w, h) else cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC)
-    )
-    det, seg = predict_maps(model, scaled, precision=precision)
-    labels = instances_from_maps(det, seg, instances or info.instances)
-    if size != (w, h):
-        labels = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
-    return labels
+    """Instance labels of an RGB image at ``mpp`` µm/px on the image's own pixel grid (int32; :func:`segment_image`)."""
+    return segment_image(model, info, rgb, mpp, instances, precision=precision, tta=tta).labels
 
 
-def geojson(labels: np.ndarray, *, name: str = "") -> dict:
-    """Instance outlines as a GeoJSON FeatureCollection in pixel coordinates (x right, y down; QuPath-compatible)."""
+#: QuPath measurement names of the per-nucleus confidences (``segment`` and ``infer`` alike).
+CONFIDENCE = "Confidence"
+DETECTION_PEAK = "Detection peak"
+
+
+def geojson(labels: np.ndarray, *, name: str = "", measurements: dict[str, np.ndarray] | None = None) -> dict:
+    """Instance outlines as a GeoJSON FeatureCollection in pixel coordinates (x right, y down; QuPath-compatible).
+
+    ``measurements`` maps a QuPath measurement name to an array indexed by label (e.g.
+    ``{"Confidence": instances.confidence}``); each feature carries them under ``properties.measurements``.
+    """
     features = []
     areas = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1) if labels.size else np.zeros(1)
     for k, ring in enumerate(trace_contours(labels), start=1):
@@ -148,17 +323,20 @@ def geojson(labels: np.ndarray, *, name: str = "") -> dict:
             continue
         coords = [[int(x), int(y)] for x, y in ring]
         coords.append(coords[0])
+        properties = {
+            "objectType": "detection",
+            "classification": {"name": "Nucleus"},
+            "label": k,
+            "area_px": int(areas[k]),
+        }
+        if measurements:
+            properties["measurements"] = {key: round(float(v[k]), 4) for key, v in measurements.items()}
         features.append(
             {
                 "type": "Feature",
                 "id": k,
                 "geometry": {"type": "Polygon", "coordinates": [coords]},
-                "properties": {
-                    "objectType": "detection",
-                    "classification": {"name": "Nucleus"},
-                    "label": k,
-                    "area_px": int(areas[k]),
-                },
+                "properties": properties,
             }
         )
     return {"type": "FeatureCollection", "name": name, "features": features}
@@ -188,11 +366,20 @@ def output_paths(out_dir: Path, stem: str, n_instances: int | None = None) -> Ou
     return Outputs(out_dir / f"{stem}_labels{suffix}", out_dir / f"{stem}.geojson", out_dir / f"{stem}_overlay.png")
 
 
-def write_outputs(out_dir: Path, stem: str, rgb: np.ndarray, labels: np.ndarray) -> Outputs:
-    """Write the three outputs of one image atomically (the labels last: their presence marks a finished image)."""
+def write_outputs(out_dir: Path, stem: str, rgb: np.ndarray, labels: np.ndarray | Instances) -> Outputs:
+    """Write the three outputs of one image atomically (the labels last: their presence marks a finished image).
+
+    Given :class:`~pysynth.instances.Instances`, the GeoJSON features carry their ``Confidence`` and ``Detection
+    peak`` measurements.
+    """
+    measurements = None
+    if isinstance(labels, Instances):
+        measurements = {CONFIDENCE: labels.confidence, DETECTION_PEAK: labels.detection_peak}
+        labels = labels.labels
     n = int(labels.max()) if labels.size else 0
     paths = output_paths(out_dir, stem, n)
-    atomic_write_text(paths.geojson, json.dumps(geojson(labels, name=stem), separators=(",", ":")))
+    text = json.dumps(geojson(labels, name=stem, measurements=measurements), separators=(",", ":"))
+    atomic_write_text(paths.geojson, text)
     picture = cv2.cvtColor(overlay(rgb, labels), cv2.COLOR_RGB2BGR)
     atomic_write_bytes(paths.overlay, cv2.imencode(".png", picture)[1].tobytes())
     if paths.labels.suffix == ".tif":

@@ -116,6 +116,117 @@ def test_polygons_land_on_the_nuclei_of_a_real_slide_at_level0(tmp_path, model_i
         assert abs(c.y - m["Centroid Y px"]) < 3
 
 
+def _agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, int, int]:
+    """Share of ``a``'s nuclei with IoU >= 0.98 in ``b``; and the counts."""
+    best, na, nb = _match(a, b)
+    return float(np.mean(best >= 0.98)), na, nb
+
+
+def test_infer_and_segment_with_defaults_give_the_same_nuclei(tmp_path, model_info, tissue_40x):
+    # The same real pixels through both commands' library paths, as the commands read them: a 40x image written
+    # as a PNG, then one region / one pass, and a slide cut in 3 × 3 regions / cores of the same layout.
+    from pysynth.segment import segment_image
+
+    model, info = model_info
+    png = tmp_path / "tissue.png"
+    cv2.imwrite(str(png), cv2.cvtColor(tissue_40x, cv2.COLOR_RGB2BGR))
+    with open_slide(png, 0.25) as reader:
+        rgb = read_region(reader, 0, 0, reader.level_shapes_hw[0], reader.mpp)
+        for name, core in (("one", None), ("tiled", 256)):
+            config = InferConfig() if core is None else InferConfig(core=core)
+            features, summary = _run(reader, model_info, tmp_path / name, config=config)
+            assert summary["regions"] == (1 if core is None else 9)
+            found = segment_image(model, info, rgb, 0.25, **({} if core is None else {"core": core}))
+            drawn = rasterise(features, rgb.shape[:2])
+            share, n_segment, n_infer = _agreement(found.labels, drawn)
+            assert n_segment > 100
+            assert abs(n_segment - n_infer) <= 0.005 * n_segment, (name, n_segment, n_infer)
+            assert share >= 0.99, (name, share)
+            # The same confidences, nucleus by nucleus (matched by their centroid's pixel).
+            for feat in features[:40]:
+                m = feat["properties"]["measurements"]
+                k = found.labels[int(m["Centroid Y px"]), int(m["Centroid X px"])]
+                if k:
+                    assert m["Confidence"] == pytest.approx(found.confidence[k], abs=2e-3)
+                    assert m["Detection peak"] == pytest.approx(found.detection_peak[k], abs=2e-3)
+
+
+def test_infer_and_segment_agree_on_a_20x_slide(tmp_path, model_info, sample_slide):
+    # Read at 0.499 µm/px and resampled to the model's 0.25 the same way, the two find the same nuclei on the
+    # model's grid. On the slide's own pixels they differ only where infer's polygon vertices, rounded to 0.01
+    # level-0 px, pass within that of a pixel centre (a pixel or two on a few nuclei).
+    from pysynth.instances import find_instances
+    from pysynth.segment import model_extent, predict_maps, to_model_grid
+
+    model, info = model_info
+    with open_slide(sample_slide) as slide:
+        level0 = slide.read_level(0, 700, 1500, 600, 430)
+    features, _ = _run(ArrayReader(level0, 0.499), model_info, tmp_path / "s")
+    det, seg = predict_maps(model, to_model_grid(level0, 0.499, info.mpp), tile=2048, context=128)
+    on_model_grid = find_instances(det, seg, info.instances).labels
+    assert on_model_grid.shape == model_extent(level0.shape[:2], 0.499, info.mpp)
+    share, n_segment, n_infer = _agreement(on_model_grid, rasterise(features, on_model_grid.shape, 0.499 / 0.25))
+    assert n_segment == n_infer > 100
+    assert share >= 0.99
+    from pysynth.segment import segment_image
+
+    labels = segment_image(model, info, level0, 0.499).labels
+    drawn = rasterise(features, level0.shape[:2])
+    assert np.mean((labels > 0) == (drawn > 0)) > 0.999
+    share, _, _ = _agreement(labels, drawn)
+    assert share >= 0.9
+
+
+def test_infer_settings_hold_tta_and_min_confidence(tmp_path, model_info, tissue_40x):
+    from pysynth.errors import PysynthError
+
+    model, info = model_info
+    reader = ArrayReader(tissue_40x[:300, :400].copy(), 0.25)
+    every, summary = _run(reader, model_info, tmp_path / "all", config=InferConfig(min_confidence=0.0))
+    assert summary["settings"]["config"]["tta"] == 1
+    assert summary["settings"]["instances"]["min_confidence"] == 0.0
+    for other in (InferConfig(min_confidence=0.0, tta=2), InferConfig(min_confidence=0.8)):
+        with pytest.raises(PysynthError, match="another model or settings"):
+            infer_slide(reader, model, info, tmp_path / "all", config=other, model_id="test")
+    # Dropping nuclei below a confidence leaves the others exactly as they were.
+    high, summary = _run(reader, model_info, tmp_path / "high", config=InferConfig(min_confidence=0.8))
+    expected = [f for f in every if f["properties"]["measurements"]["Confidence"] >= 0.8]
+    assert 0 < len(high) == len(expected) < len(every)
+    assert [f["geometry"] for f in high] == [f["geometry"] for f in expected]
+    assert summary["nuclei"] == len(high)
+    # The model's own minimum confidence when none is given.
+    default, summary = _run(reader, model_info, tmp_path / "default")
+    assert summary["settings"]["instances"]["min_confidence"] == info.instances.min_confidence
+    assert len(default) == sum(
+        f["properties"]["measurements"]["Confidence"] >= info.instances.min_confidence for f in every
+    )
+
+
+def test_infer_tta_averages_flipped_windows(tmp_path, model_info, tissue_40x):
+    # One region: infer's network stage with --tta 2 gives segment's --tta 2 nuclei, not the plain ones.
+    from pysynth.segment import segment_image
+
+    model, info = model_info
+    rgb = tissue_40x[:300, :400].copy()
+    flipped, summary = _run(ArrayReader(rgb, 0.25), model_info, tmp_path / "2", config=InferConfig(tta=2))
+    assert summary["settings"]["config"]["tta"] == 2
+    drawn = rasterise(flipped, rgb.shape[:2])
+    share, n_segment, n_infer = _agreement(segment_image(model, info, rgb, 0.25, tta=2).labels, drawn)
+    assert n_segment == n_infer
+    assert share >= 0.99
+    plain, _, _ = _agreement(segment_image(model, info, rgb, 0.25).labels, drawn)
+    assert plain < 0.9
+
+
+def test_infer_config_checks_tta_and_min_confidence() -> None:
+    assert InferConfig().normalise == "none"
+    assert InferConfig().tta == 1
+    with pytest.raises(ValueError, match="tta"):
+        InferConfig(tta=3)
+    with pytest.raises(ValueError, match="min_confidence"):
+        InferConfig(min_confidence=1.5)
+
+
 def test_geojson_is_valid_qupath_detections_and_csv_matches(tmp_path, model_info, tissue_40x):
     import shapely
 
@@ -130,7 +241,10 @@ def test_geojson_is_valid_qupath_detections_and_csv_matches(tmp_path, model_info
         assert ring[0] == ring[-1]
         assert shapely.Polygon(ring).is_valid
         assert feat["properties"]["objectType"] == "detection"
-        assert set(feat["properties"]["measurements"]) >= {"Area µm^2", "Perimeter µm", "Hematoxylin OD mean"}
+        measurements = feat["properties"]["measurements"]
+        assert set(measurements) >= {"Area µm^2", "Perimeter µm", "Hematoxylin OD mean", "Confidence", "Detection peak"}
+        assert 0 < measurements["Confidence"] <= 1
+        assert 0 < measurements["Detection peak"] <= 1
     rows = []
     for path in sorted((tmp_path / "g" / "csv").glob("*.csv")):
         lines = path.read_text().splitlines()

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from pysynth.instances import InstanceConfig
-from pysynth.models.io import ModelError, ModelInfo, load_model, read_model_info, save_model
+from pysynth.models.io import ModelError, ModelInfo, default_model_dir, load_model, read_model_info, save_model
 from pysynth.models.unet import UNet, UNetConfig
-from pysynth.segment import geojson, predict_maps, segment_rgb
+from pysynth.segment import geojson, predict_maps, segment_image, segment_rgb
 
 
 class PixelModel(nn.Module):
@@ -52,6 +52,70 @@ def test_whole_image_prediction_is_the_network_output(tissue_rgb: np.ndarray) ->
     expected = torch.sigmoid(model(x))[0].detach().numpy()
     np.testing.assert_allclose(det, expected[0], atol=1e-5)
     np.testing.assert_allclose(seg, expected[1], atol=1e-5)
+
+
+def test_cores_with_context_have_no_seams(tissue_rgb: np.ndarray) -> None:
+    # segment's layout (cores kept whole, context cut at the image's edges) on a per-pixel function: exact.
+    model = PixelModel().eval()
+    rgb = tissue_rgb[:333, :517]
+    det_whole, seg_whole = predict_maps(model, rgb, tile=1024)
+    det, seg = predict_maps(model, rgb, tile=128, context=24)
+    np.testing.assert_allclose(det, det_whole, atol=1e-5)
+    np.testing.assert_allclose(seg, seg_whole, atol=1e-5)
+
+
+def test_tta_of_a_per_pixel_function_is_the_function(tissue_rgb: np.ndarray) -> None:
+    # Every flip/rotation commutes with a per-pixel function: mapped back, the views agree with one pass.
+    model = PixelModel().eval()
+    rgb = np.ascontiguousarray(tissue_rgb[:72, :104])
+    det1, seg1 = predict_maps(model, rgb, tile=256)
+    for n in (2, 4, 8):
+        det, seg = predict_maps(model, rgb, tile=256, tta=n)
+        np.testing.assert_allclose(det, det1, atol=1e-5)
+        np.testing.assert_allclose(seg, seg1, atol=1e-5)
+    with pytest.raises(ValueError, match="tta"):
+        predict_maps(model, rgb, tta=3)
+
+
+@pytest.mark.parametrize("context", [None, 32])
+def test_tta8_of_an_image_is_the_transpose_of_tta8_of_its_transpose(tissue_rgb: np.ndarray, context) -> None:
+    # The 8 views of an image and of its transpose are the same 8 images: the averaged maps must be transposes
+    # of each other (up to float rounding) for any network, here a real U-Net that is not symmetric at all.
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(width=4, depth=2, max_width=8)).eval()
+    rgb = np.ascontiguousarray(tissue_rgb[100:180, 200:300])  # 80 × 100, not square
+    kw = {"tile": 64, "context": context} if context is not None else {"tile": 256}
+    det, seg = predict_maps(model, rgb, tta=8, **kw)
+    det_t, seg_t = predict_maps(model, np.ascontiguousarray(rgb.transpose(1, 0, 2)), tta=8, **kw)
+    np.testing.assert_allclose(det_t, det.T, atol=1e-5)
+    np.testing.assert_allclose(seg_t, seg.T, atol=1e-5)
+    single, _ = predict_maps(model, rgb, **kw)
+    single_t, _ = predict_maps(model, np.ascontiguousarray(rgb.transpose(1, 0, 2)), **kw)
+    assert np.abs(single_t - single.T).max() > 1e-3  # without TTA the network is not symmetric
+
+
+def test_segment_image_confidences_are_those_of_the_models_maps(tmp_path: Path, tissue_rgb: np.ndarray) -> None:
+    from pysynth.instances import find_instances, instance_confidence
+
+    _tiny_model(tmp_path / "m")
+    model, info = load_model(tmp_path / "m")
+    rgb = np.ascontiguousarray(tissue_rgb[:96, :128])
+    det, seg = predict_maps(model, rgb, tile=2048, context=128)
+    # An untrained network's maps hover near 0.5: thresholds from their own spread give a few dozen instances.
+    cfg = InstanceConfig(
+        detection_threshold=float(np.percentile(det, 80)), foreground_threshold=float(np.median(seg)), min_size=4
+    )
+    found = segment_image(model, info, rgb, 0.25, cfg)
+    np.testing.assert_array_equal(found.labels, find_instances(det, seg, cfg).labels)
+    mean_seg, peak = instance_confidence(found.labels, det, seg)
+    np.testing.assert_allclose(found.confidence, mean_seg)
+    np.testing.assert_allclose(found.detection_peak, peak)
+    assert found.count > 3
+    # At another resolution the confidences are those of the model's grid, carried per label.
+    half = segment_image(model, info, rgb[::2, ::2].copy(), 0.5, cfg)
+    assert half.labels.shape == (48, 64)
+    assert len(half.confidence) == len(half.detection_peak) == half.count + 1
+    assert np.all((half.confidence[1:] > 0) & (half.confidence[1:] <= 1))
 
 
 def test_geojson_polygons_have_the_instances_areas() -> None:
@@ -141,6 +205,12 @@ def test_segment_writes_the_three_outputs_and_resumes(run_cli, tmp_path: Path, i
         assert overlay.shape == (*shape, 3)
         features = json.loads((out / f"{stem}.geojson").read_text())["features"]
         assert len(features) == len(np.unique(labels)) - 1
+        for feat in features:
+            m = feat["properties"]["measurements"]
+            assert set(m) == {"Confidence", "Detection peak"}
+            assert 0 < m["Confidence"] <= 1
+            assert 0 < m["Detection peak"] <= 1
+            assert feat["properties"]["area_px"] == np.sum(labels == feat["properties"]["label"])
     assert "segmented 2 image(s)" in result.out
     assert torch.is_grad_enabled()  # the command leaves the process' autograd state alone
     again = run_cli("segment", str(images), "--input-mpp", "0.5", "--out", str(out))
@@ -179,6 +249,53 @@ def test_segment_bad_input(run_cli, tmp_path: Path, images: Path) -> None:
         ).code
         == 0
     )
+
+
+def test_segment_min_confidence_and_tta_are_settings_of_the_results(run_cli, tmp_path: Path, images: Path) -> None:
+    image = str(images / "b.png")
+    out = tmp_path / "out"
+
+    def nuclei(folder: Path) -> list[dict]:
+        return json.loads((folder / "b.geojson").read_text())["features"]
+
+    assert run_cli("segment", image, "--input-mpp", "0.5", "--out", str(out)).code == 0
+    settings = json.loads((out / ".pysynth-segment.json").read_text())
+    assert settings["tta"] == 1
+    assert settings["min_confidence"] == read_model_info(default_model_dir()).instances.min_confidence
+    for args in (["--tta", "2"], ["--min-confidence", "0.9"]):
+        refused = run_cli("segment", image, "--input-mpp", "0.5", "--out", str(out), *args)
+        assert refused.code == 1
+        assert "other settings" in refused.err
+    assert run_cli("segment", image, "--input-mpp", "0.5", "--out", str(out), "--tta", "2", "--overwrite").code == 0
+    assert json.loads((out / ".pysynth-segment.json").read_text())["tta"] == 2
+    assert run_cli("segment", image, "--input-mpp", "0.5", "--out", str(out), "--tta", "3").code == 2
+    # --min-confidence drops exactly the nuclei below it (the others keep their outlines), renumbered.
+    for name, value in (("all", "0"), ("hi", "0.8")):
+        args = ("--input-mpp", "0.5", "--out", str(tmp_path / name), "--min-confidence", value)
+        assert run_cli("segment", image, *args).code == 0
+    every, high = nuclei(tmp_path / "all"), nuclei(tmp_path / "hi")
+    expected = [f for f in every if f["properties"]["measurements"]["Confidence"] >= 0.8]
+    assert 0 < len(high) == len(expected) < len(every)
+    assert [f["geometry"] for f in high] == [f["geometry"] for f in expected]
+    assert [f["properties"]["label"] for f in high] == list(range(1, len(high) + 1))
+    labels = cv2.imread(str(tmp_path / "hi" / "b_labels.png"), cv2.IMREAD_UNCHANGED)
+    assert labels.max() == len(high)
+
+
+def test_old_model_files_load_without_a_minimum_confidence(tmp_path: Path) -> None:
+    _tiny_model(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["instances"]["min_confidence"] == 0.0
+    del meta["instances"]["min_confidence"]  # a model written before the field existed
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path / "m")[1].instances.min_confidence == 0.0
+    meta["instances"]["min_confidence"] = 0.7
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    assert read_model_info(tmp_path / "m").instances.min_confidence == 0.7
+    meta["instances"]["min_confidence"] = 7
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError):
+        read_model_info(tmp_path / "m")
 
 
 def test_more_than_65535_nuclei_go_to_a_32_bit_tiff(tmp_path: Path) -> None:
