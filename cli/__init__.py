@@ -7,6 +7,7 @@ import sys
 import click
 
 from pysynth import __version__
+from pysynth.cli.adapt import adapt_command
 from pysynth.cli.bench import bench_command
 from pysynth.cli.evaluate import evaluate_command
 from pysynth.cli.infer import infer_command
@@ -33,6 +34,7 @@ def cli() -> None:
     """Learn to segment nuclei in H&E slides without annotations, then segment whole slides."""
 
 
+cli.add_command(adapt_command)
 cli.add_command(bench_command)
 cli.add_command(evaluate_command)
 cli.add_command(infer_command)

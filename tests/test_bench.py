@@ -119,3 +119,42 @@ def test_bench_quick_segment(run_cli, tmp_path):
     assert any("NCHW" in n for n in names)
     assert section["notes"]["kflop_per_px"] > 10
     assert section["notes"]["segment_mpx_per_s"] > 0
+
+
+def test_dev_scores_on_a_tiny_copy_of_both_dev_sets(tmp_path, shared_data):
+    """The dev-score table: segment's predictions scored by evaluate's rules on a crop of each dev set."""
+    import cv2
+
+    from pysynth.bench.dev_scores import markdown, score_model
+    from pysynth.detection import centroids, detection_scores, read_dots
+    from pysynth.metrics import score
+    from pysynth.models.io import load_model
+    from pysynth.segment import segment_rgb
+
+    mon, brca = tmp_path / "monuseg", tmp_path / "brca"
+    for sub in ("monuseg/images", "monuseg/labels", "brca/images", "brca/labels"):
+        (tmp_path / sub).mkdir(parents=True)
+    label_path = sorted((shared_data / "monuseg-train" / "labels").glob("*.png"))[0]
+    image = cv2.imread(str(shared_data / "monuseg-train" / "images" / label_path.name))[:256, :256]
+    gt = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)[:256, :256]
+    cv2.imwrite(str(mon / "images" / label_path.name), image)
+    cv2.imwrite(str(mon / "labels" / label_path.name), gt)
+    name = (shared_data / "brca-m2c" / "brca_ds_test.txt").read_text().split()[0]
+    cv2.imwrite(str(brca / "images" / name), cv2.imread(str(shared_data / "brca-m2c" / "images" / name)))
+    dots = f"{name[:-4]}_gt_class_coords.txt"
+    (brca / "labels" / dots).write_text((shared_data / "brca-m2c" / "labels" / dots).read_text())
+    (brca / "brca_ds_test.txt").write_text(name + "\n")
+    row = score_model("default", mon, brca)
+    # the same numbers by hand, through segment's library call and evaluate's metrics
+    model, info = load_model()
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    expected = score(gt.astype(np.int32), segment_rgb(model, info, rgb, 0.25))
+    assert row["aji"] == pytest.approx(expected.aji, abs=1e-6)
+    assert row["dice_avg"] == pytest.approx(expected.dice_avg, abs=1e-6)
+    b = cv2.cvtColor(cv2.imread(str(brca / "images" / name)), cv2.COLOR_BGR2RGB)
+    yx, classes = read_dots(brca / "labels" / dots, b.shape[:2])
+    det = detection_scores(centroids(segment_rgb(model, info, b, 0.5)), yx, classes, 6.0)
+    assert row["brca_f1"] == pytest.approx(det.f1, abs=1e-9)
+    assert 0 < row["brca_f1"] <= 1
+    assert 0 < row["pixel_precision"] <= 1
+    assert "| default | 1 |" in markdown([row])

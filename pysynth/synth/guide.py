@@ -64,9 +64,8 @@ def _load(folder: str, digest: str):  # keyed by content too: a folder retrained
 def guide_maps(spec: str, rgb: np.ndarray, mpp: float, tta: int = 4) -> GuideMaps:
     """Run the guide model named by ``spec`` on a real tile at ``mpp`` µm/px (flip test-time augmentation)."""
     from pysynth.instances import instances_from_maps
-    from pysynth.segment import predict_maps
-
     from pysynth.models.io import model_digest
+    from pysynth.segment import predict_maps
 
     folder = resolve_guide(spec)
     model, info = _load(str(folder), model_digest(folder))

@@ -29,7 +29,7 @@ from pysynth.models.io import normalise, save_model
 from pysynth.models.unet import UNet
 from pysynth.train.augment import augment
 from pysynth.train.config import TrainConfig, dump_config
-from pysynth.train.targets import border_weights, core_targets, make_targets, two_head_loss
+from pysynth.train.targets import IGNORE_LABEL, border_weights, core_targets, make_targets, two_head_loss
 
 log = logging.getLogger("pysynth")
 
@@ -94,8 +94,13 @@ def item_targets(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(detection, segmentation, pixel weights)`` of a patch's labels, float32 ``(s, s)`` each.
 
-    ``valid`` (1 where the pixels are real, 0 where padded) multiplies the border weights.
+    ``valid`` (1 where the pixels are real, 0 where padded) multiplies the border weights; pixels labelled
+    :data:`IGNORE_LABEL` (unsure parts of pseudo-labels) are background with zero weight.
     """
+    ignore = labels == IGNORE_LABEL
+    if ignore.any():
+        labels = np.where(ignore, 0, labels)
+        valid = valid * (~ignore).astype(np.float32)
     if config.detection_target == "core":
         det, seg = core_targets(labels, config.core_fraction)
     else:
@@ -371,8 +376,13 @@ def train(
     progress: Callable[[int, dict[str, float]], None] | None = None,
     sources_note: Sequence[str] = (),
     device: torch.device | str = "cpu",
+    wrap_source: Callable[[Callable], Callable] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume training) a segmenter into ``out_dir``; returns the summary written to ``model.json``.
+
+    ``wrap_source`` (adaptation) turns the synthetic source ``i -> (arrays, meta)`` into the one trained on, e.g.
+    mixing in pseudo-labelled real crops; items whose labels hold :data:`~pysynth.train.targets.IGNORE_LABEL` have
+    zero loss weight there.
 
     Writes ``config.yaml`` (the resolved configuration), ``checkpoint.pt`` every ``checkpoint_every`` steps,
     ``snapshots/step_*.pt`` every ``snapshot_every`` steps, ``losses.csv`` and ``loss_curve.png``, and at the end
@@ -410,6 +420,8 @@ def train(
         if progress is not None:
             progress(step, {})
     source = make_source(config, out_dir, real, synthetic, input_mpp)
+    if wrap_source is not None:
+        source = wrap_source(source)
     maker = ItemMaker(source, config)
 
     def batch_items(t: int) -> list[dict[str, np.ndarray]]:

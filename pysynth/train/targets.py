@@ -7,6 +7,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+#: Label of pixels whose truth is unknown (unsure parts of pseudo-labels): zero loss weight, never a nucleus.
+#: 2^24 − 1 stays exact through every float conversion that label warps may make.
+IGNORE_LABEL = 2**24 - 1
+
 
 def make_targets(labels: np.ndarray, centres: np.ndarray, *, dilate: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Detection and segmentation targets of one patch.
