@@ -366,6 +366,29 @@ def test_cli_bad_inputs_fail_alone_and_clearly(tmp_path, run_cli, tissue_40x):
     assert "Traceback" not in r.err
 
 
+def test_cli_tta_and_min_confidence_are_passed_and_recorded(tmp_path, run_cli, tissue_40x):
+    good = tmp_path / "good.png"
+    cv2.imwrite(str(good), cv2.cvtColor(tissue_40x[:256, :256], cv2.COLOR_RGB2BGR))
+    args = ("infer", good, "--input-mpp", "0.25", "--out", tmp_path / "out")
+    r = run_cli(*args, "--tta", "2", "--min-confidence", "0.7")
+    assert r.code == 0, r.err
+    summary = json.loads((tmp_path / "out" / "good" / SUMMARY).read_text())
+    assert summary["settings"]["config"]["tta"] == 2
+    assert summary["settings"]["config"]["normalise"] == "none"
+    assert summary["settings"]["instances"]["min_confidence"] == 0.7
+    features = json.loads((tmp_path / "out" / "good" / GEOJSON).read_text())["features"]
+    assert features
+    assert all(f["properties"]["measurements"]["Confidence"] >= 0.7 for f in features)
+    assert run_cli(*args, "--tta", "2", "--min-confidence", "0.7").code == 0  # the same settings: skipped
+    for other in (("--min-confidence", "0.7"), ("--tta", "2")):  # tta 1, or the model's minimum confidence
+        r = run_cli(*args, *other)
+        assert r.code == 1
+        assert "another model or settings" in r.err
+    assert run_cli(*args, "--overwrite").code == 0
+    assert run_cli(*args, "--tta", "5").code == 2
+    assert run_cli(*args, "--min-confidence", "1.5").code == 2
+
+
 def test_cli_disk_full_fails_cleanly(tmp_path, run_cli, tissue_40x, small_disk):
     disk = small_disk("300k")
     good = tmp_path / "good.png"
