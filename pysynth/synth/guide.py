@@ -11,7 +11,7 @@ fainter than them) and a bank of real nuclei that patches can carry, with their 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -73,7 +73,8 @@ def guide_maps(spec: str, rgb: np.ndarray, mpp: float, tta: int = 4) -> GuideMap
     f = mpp / info.mpp
     scaled = rgb if abs(f - 1) < 1e-6 else cv2.resize(rgb, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
     det, seg = predict_maps(model, np.ascontiguousarray(scaled), tta=tta)
-    labels = instances_from_maps(det, seg, info.instances)
+    # every object the guide sees, whatever its model's minimum confidence: what is unsure must still be inpainted
+    labels = instances_from_maps(det, seg, replace(info.instances, min_confidence=0.0))
     if scaled.shape[:2] != (h, w):
         seg = cv2.resize(seg, (w, h), interpolation=cv2.INTER_LINEAR)
         labels = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)

@@ -114,7 +114,8 @@ def pseudo_labels(
         ``(labels, stats)``; stats: ``objects``, ``sure`` (count), ``negatives`` (count), ``labelled`` (share of
         pixels not ignored), ``nuclear`` (share of pixels in sure nuclei), ``mean_confidence``.
     """
-    found = instances_from_maps(detection, segmentation, instances)
+    # every object, whatever the model's minimum confidence: the doubted ones are sorted below
+    found = instances_from_maps(detection, segmentation, replace(instances, min_confidence=0.0))
     confidence = instance_means(found, segmentation)
     n = int(found.max()) if found.size else 0
     is_sure = confidence >= config.sure

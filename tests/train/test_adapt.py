@@ -56,6 +56,9 @@ def test_pseudo_labels_keep_what_the_teacher_is_sure_of() -> None:
     assert stats["negatives"] == 1
     assert stats["objects"] == 3
     assert 0 < stats["labelled"] < 1
+    # the model's own minimum confidence does not hide objects from the pseudo-labels: the same labels
+    strict = InstanceConfig(detection_threshold=0.5, foreground_threshold=0.25, min_size=10, min_confidence=0.9)
+    assert np.array_equal(pseudo_labels(det, seg, strict, config)[0], labels)
     # without negatives the doubted object is ignored instead
     labels2, _ = pseudo_labels(det, seg, instances, AdaptConfig(negative_below=0.0))
     assert (labels2[doubted] == IGNORE_LABEL).all()
