@@ -43,11 +43,11 @@ def score_model(
     from pysynth.detection import centroids, detection_scores, pool, read_dots
     from pysynth.error_anatomy import object_errors, summarise
     from pysynth.metrics import mean_scores, score
-    from pysynth.models.io import default_model_dir, load_model
+    from pysynth.models.io import load_model, resolve_model_dir
     from pysynth.models.unet import fold_batchnorm
     from pysynth.segment import segment_rgb
 
-    path = default_model_dir() if folder == "default" else Path(folder)
+    path = resolve_model_dir(folder)
     model, info = load_model(path)
     model = fold_batchnorm(model).to(memory_format=torch.channels_last)
     instances = info.instances if min_confidence is None else replace(info.instances, min_confidence=min_confidence)
@@ -71,6 +71,8 @@ def score_model(
         "model": folder,
         "tta": tta,
         "min_confidence": instances.min_confidence,
+        "dice1": mean.dice1,
+        "dice2": mean.dice2,
         "dice_avg": mean.dice_avg,
         "aji": mean.aji,
         "pq": mean.pq,

@@ -9,7 +9,7 @@ Usage::
 arm            synthesis (on top of ``configs/default-model.yaml``)
 =============  ====================================================================================
 plain          the published super-segmentation decides what is inpainted
-guide          the shipped model decides (``guide: default``): other purple stays as a negative
+guide          the previously shipped model decides (``guide: plain``): other purple stays as a negative
 floor          + no labelled nucleus fainter than the tile's sure real nuclei (``darkness_floor: 0.1``)
 transplant     + 30% of nuclei real ones of the tile (``transplant_fraction: 0.3``)
 =============  ====================================================================================
@@ -35,9 +35,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 ARMS: dict[str, dict] = {
     "plain": {},
-    "guide": {"guide": "default"},
-    "floor": {"guide": "default", "darkness_floor": 0.1},
-    "transplant": {"guide": "default", "darkness_floor": 0.1, "transplant_fraction": 0.3},
+    "guide": {"guide": "plain"},
+    "floor": {"guide": "plain", "darkness_floor": 0.1},
+    "transplant": {"guide": "plain", "darkness_floor": 0.1, "transplant_fraction": 0.3},
 }
 
 

@@ -22,7 +22,7 @@ from pysynth.cli._options import input_mpp_option, out_option, seed_option, setu
     type=click.Path(file_okay=False),
     default=None,
     metavar="DIR",
-    help="Model folder to adapt [default: the model shipped with pysynth].",
+    help="Model folder to adapt, or a shipped model by name (default, plain) [default: default].",
 )
 @input_mpp_option
 @out_option
@@ -73,14 +73,14 @@ def adapt_command(
     from tqdm import tqdm
 
     from pysynth.fsutil import prepare_output_dir
-    from pysynth.models.io import default_model_dir, read_model_info
+    from pysynth.models.io import read_model_info, resolve_model_dir
     from pysynth.segment import resolve_device
     from pysynth.sources import InputError, collect_sources
     from pysynth.train.adapt import AdaptConfig, adapt
     from pysynth.train.config import TrainConfig, load_config_file
 
     setup_logging()
-    folder = default_model_dir() if model_dir is None else Path(model_dir)
+    folder = resolve_model_dir(model_dir)
     read_model_info(folder)  # a folder that is not a model fails here, before anything is written
     values = load_config_file(config_file) if config_file else {}
     adapt_values = values.pop("adapt", None) or {}

@@ -25,7 +25,8 @@ from pysynth.cli._options import (
     type=click.Path(file_okay=False),
     default=None,
     metavar="DIR",
-    help="Model folder from `pysynth train` [default: the model shipped with pysynth].",
+    help="Model folder from `pysynth train` or `adapt`, or a shipped model by name: default (guided synthesis), "
+    "plain (the published synthesis) [default: default].",
 )
 @input_mpp_option
 @click.option(
@@ -105,14 +106,14 @@ def infer_command(
 
     from pysynth.fsutil import atomic_write_text, prepare_output_dir
     from pysynth.infer import InferConfig, run_slide
-    from pysynth.models.io import default_model_dir, read_model_info
+    from pysynth.models.io import read_model_info, resolve_model_dir
     from pysynth.segment import resolve_device
     from pysynth.sources import collect_sources, unique_names
     from pysynth.train.loop import StopAtStepEnd
 
     setup_logging()
     paths = collect_sources(slides)
-    folder = Path(default_model_dir() if model_dir is None else model_dir)
+    folder = resolve_model_dir(model_dir)
     read_model_info(folder)  # a folder that is not a model fails here, before anything is written
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev.type)

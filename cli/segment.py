@@ -26,7 +26,8 @@ _SETTINGS = ".pysynth-segment.json"
     type=click.Path(file_okay=False),
     default=None,
     metavar="DIR",
-    help="Model folder from `pysynth train` [default: the model shipped with pysynth].",
+    help="Model folder from `pysynth train` or `adapt`, or a shipped model by name: default (guided synthesis), "
+    "plain (the published synthesis) [default: default].",
 )
 @input_mpp_option
 @out_option
@@ -68,7 +69,7 @@ def segment_command(
     from pysynth.fsutil import atomic_write_text, prepare_output_dir
     from pysynth.infer import keep_freed_memory
     from pysynth.io import open_slide, read_region
-    from pysynth.models.io import default_model_dir, load_model, model_digest
+    from pysynth.models.io import load_model, model_digest, resolve_model_dir
     from pysynth.models.unet import fold_batchnorm
     from pysynth.segment import MAX_PIXELS, output_paths, resolve_device, segment_image, write_outputs
     from pysynth.sources import collect_sources, unique_names
@@ -76,7 +77,7 @@ def segment_command(
     setup_logging()
     keep_freed_memory()  # the network's large activations are reused, not mapped afresh (infer does the same)
     paths = collect_sources(images)
-    folder = default_model_dir() if model_dir is None else model_dir
+    folder = resolve_model_dir(model_dir)
     model, info = load_model(folder)
     dev = resolve_device(device)
     model = fold_batchnorm(model).to(dev).to(memory_format=torch.channels_last)

@@ -756,12 +756,12 @@ def run_slide(
     """
     from pysynth.errors import SlideError
     from pysynth.io import open_slide
-    from pysynth.models.io import default_model_dir
+    from pysynth.models.io import resolve_model_dir
     from pysynth.segment import resolve_device
 
     if threads:
         torch.set_num_threads(threads)
-    folder = default_model_dir() if model_dir is None else Path(model_dir)
+    folder = resolve_model_dir(model_dir)
     model, info = inference_model(str(folder))
     model = model.to(resolve_device(device))
     stem = stem or Path(path).stem

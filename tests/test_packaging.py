@@ -48,6 +48,9 @@ def test_wheel_holds_the_whole_package(tmp_path: Path) -> None:
         "pysynth/models/default/model.pt",
         "pysynth/models/default/model.json",
         "pysynth/models/default/MODEL_CARD.md",
+        "pysynth/models/plain/model.pt",
+        "pysynth/models/plain/model.json",
+        "pysynth/models/plain/MODEL_CARD.md",
         "pysynth/cli/segment.py",
         "pysynth/cli/train.py",
     ):

@@ -53,6 +53,23 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent / "default"
 
 
+#: Models shipped inside the package, selected by name (``--model NAME``): their folders beside this file.
+SHIPPED = ("default", "plain")
+
+
+def resolve_model_dir(spec: str | Path | None = None) -> Path:
+    """The model folder a user names: None or a shipped model's name (:data:`SHIPPED`), else a folder path.
+
+    A folder that exists wins over a shipped name, so a user's own ``./plain/`` is still theirs.
+    """
+    if spec is None:
+        return default_model_dir()
+    path = Path(spec).expanduser()
+    if not path.exists() and str(spec) in SHIPPED:
+        return Path(__file__).resolve().parent / str(spec)
+    return path
+
+
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 RGB ``(N, 3, H, W)`` → the network's float input in [-1, 1]."""
     return images.float().mul_(1.0 / 127.5).sub_(1.0)

@@ -42,9 +42,9 @@ def resolve_guide(spec: str) -> Path:
     Raises:
         PysynthError: If the folder is not a model.
     """
-    from pysynth.models.io import META, WEIGHTS, default_model_dir
+    from pysynth.models.io import META, WEIGHTS, resolve_model_dir
 
-    folder = default_model_dir() if spec == "default" else Path(spec).expanduser()
+    folder = resolve_model_dir(spec)
     if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
         raise PysynthError(f"synthesis guide {spec}: not a model folder (needs {WEIGHTS} and {META})")
     return folder
