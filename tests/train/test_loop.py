@@ -13,7 +13,7 @@ import torch
 from pysynth.errors import PysynthError
 from pysynth.models.io import load_model
 from pysynth.train.config import TrainConfig, dump_config, load_config_file
-from pysynth.train.loop import train
+from pysynth.train.loop import MIN_CONFIDENCE_GRID, train
 
 TINY = {
     "model": {"width": 4, "depth": 2, "max_width": 16},
@@ -59,7 +59,7 @@ def test_a_run_writes_a_usable_model_folder(tmp_path: Path, real_png: Path) -> N
     assert 0.3 <= info.instances.detection_threshold <= 0.7
     assert TrainConfig.from_dict(load_config_file(folder / "config.yaml")) == config
     validation = json.loads((folder / "validation.json").read_text())
-    assert len(validation["grid"]) == 80
+    assert len(validation["grid"]) == 80 * len(MIN_CONFIDENCE_GRID)
     out = model(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 2, 32, 32)
 
