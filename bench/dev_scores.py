@@ -38,18 +38,14 @@ def score_model(
     folder: str, monuseg: Path, brca: Path, *, tta: int = 1, min_confidence: float | None = None
 ) -> dict[str, float]:
     """The dev scores of one model (see the module's docstring)."""
-    import torch
-
     from pysynth.detection import centroids, detection_scores, pool, read_dots
     from pysynth.error_anatomy import object_errors, summarise
+    from pysynth.infer import inference_model
     from pysynth.metrics import mean_scores, score
-    from pysynth.models.io import load_model, resolve_model_dir
-    from pysynth.models.unet import fold_batchnorm
+    from pysynth.models.io import resolve_model_dir
     from pysynth.segment import segment_rgb
 
-    path = resolve_model_dir(folder)
-    model, info = load_model(path)
-    model = fold_batchnorm(model).to(memory_format=torch.channels_last)
+    model, info = inference_model(str(resolve_model_dir(folder)))
     instances = info.instances if min_confidence is None else replace(info.instances, min_confidence=min_confidence)
     started = time.perf_counter()
     scores, errors = [], []

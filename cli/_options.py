@@ -31,6 +31,15 @@ workers_option = click.option(
     show_default=True,
     help="Worker processes. Results do not depend on it.",
 )
+model_option = click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Model folder from `pysynth train` or `adapt`, or a shipped model by name: default (guided synthesis), "
+    "plain (the published synthesis) [default: default].",
+)
 device_option = click.option(
     "--device",
     default="auto",

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from pysynth.cli._options import input_mpp_option, out_option, seed_option, setup_logging
+from pysynth.cli._options import (
+    device_option,
+    input_mpp_option,
+    model_option,
+    out_option,
+    seed_option,
+    setup_logging,
+)
 
 
 @click.command("adapt")
@@ -16,14 +23,7 @@ from pysynth.cli._options import input_mpp_option, out_option, seed_option, setu
     metavar="REAL",
     help="The user's own unlabelled tissue: slides, images, folders, globs, or `pysynth sample` output (repeatable).",
 )
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    metavar="DIR",
-    help="Model folder to adapt, or a shipped model by name (default, plain) [default: default].",
-)
+@model_option
 @input_mpp_option
 @out_option
 @click.option("--rounds", type=click.IntRange(min=1), default=None, help="Teacher → student rounds [config: 2].")
@@ -37,12 +37,7 @@ from pysynth.cli._options import input_mpp_option, out_option, seed_option, setu
     help="YAML of parameters: `adapt:` (pysynth.train.adapt.AdaptConfig) and training ones as for `pysynth "
     "train`; flags win over it.",
 )
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="Where to run: auto (a CUDA GPU if present), cpu, cuda, cuda:1, ...",
-)
+@device_option
 @click.option(
     "--overwrite", is_flag=True, help="Start afresh in an --out that holds an adaptation with other settings."
 )

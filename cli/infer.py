@@ -8,6 +8,7 @@ from pysynth.cli._options import (
     device_option,
     input_mpp_option,
     min_confidence_option,
+    model_option,
     out_option,
     precision_option,
     resolve_precision,
@@ -19,15 +20,7 @@ from pysynth.cli._options import (
 @click.command("infer")
 @click.argument("slides", nargs=-1, required=True, metavar="SLIDES...")
 @out_option
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    metavar="DIR",
-    help="Model folder from `pysynth train` or `adapt`, or a shipped model by name: default (guided synthesis), "
-    "plain (the published synthesis) [default: default].",
-)
+@model_option
 @input_mpp_option
 @click.option(
     "--normalise",

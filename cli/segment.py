@@ -8,6 +8,7 @@ from pysynth.cli._options import (
     device_option,
     input_mpp_option,
     min_confidence_option,
+    model_option,
     out_option,
     precision_option,
     resolve_precision,
@@ -20,15 +21,7 @@ _SETTINGS = ".pysynth-segment.json"
 
 @click.command("segment")
 @click.argument("images", nargs=-1, required=True, metavar="IMAGES...")
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    metavar="DIR",
-    help="Model folder from `pysynth train` or `adapt`, or a shipped model by name: default (guided synthesis), "
-    "plain (the published synthesis) [default: default].",
-)
+@model_option
 @input_mpp_option
 @out_option
 @tta_option

@@ -12,10 +12,8 @@ fainter than them) and a bank of real nuclei that patches can carry, with their 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cache
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from pysynth.errors import PysynthError
@@ -50,46 +48,25 @@ def resolve_guide(spec: str) -> Path:
     return folder
 
 
-@cache
-def _load(folder: str, digest: str):  # keyed by content too: a folder retrained in place is loaded afresh
-    import torch
-
-    from pysynth.models.io import load_model
-    from pysynth.models.unet import fold_batchnorm
-
-    model, info = load_model(folder)
-    return fold_batchnorm(model).to(memory_format=torch.channels_last), info
-
-
 def guide_maps(spec: str, rgb: np.ndarray, mpp: float, tta: int = 4) -> GuideMaps:
-    """Run the guide model named by ``spec`` on a real tile at ``mpp`` µm/px (flip test-time augmentation)."""
-    from pysynth.instances import instances_from_maps
-    from pysynth.models.io import model_digest
-    from pysynth.segment import predict_maps
+    """Run the guide model named by ``spec`` on a real tile at ``mpp`` µm/px (flip test-time augmentation).
 
-    folder = resolve_guide(spec)
-    model, info = _load(str(folder), model_digest(folder))
-    h, w = rgb.shape[:2]
-    f = mpp / info.mpp
-    scaled = rgb if abs(f - 1) < 1e-6 else cv2.resize(rgb, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
-    det, seg = predict_maps(model, np.ascontiguousarray(scaled), tta=tta)
+    The tile is resampled to the model's grid as ``infer`` reads a slide, and the maps are mapped back by the
+    pixel-centre rule (:func:`pysynth.segment.to_model_grid`, :func:`~pysynth.segment.to_image_grid`).
+    """
+    from pysynth.infer import inference_model
+    from pysynth.instances import find_instances
+    from pysynth.segment import predict_maps, to_image_grid, to_model_grid
+
+    model, info = inference_model(str(resolve_guide(spec)))
+    scaled = np.ascontiguousarray(to_model_grid(rgb, mpp, info.mpp))
+    det, seg = predict_maps(model, scaled, tta=tta)
     # every object the guide sees, whatever its model's minimum confidence: what is unsure must still be inpainted
-    labels = instances_from_maps(det, seg, replace(info.instances, min_confidence=0.0))
-    if scaled.shape[:2] != (h, w):
-        seg = cv2.resize(seg, (w, h), interpolation=cv2.INTER_LINEAR)
-        labels = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
-    return GuideMaps(seg.astype(np.float32), labels.astype(np.int32), instance_means(labels, seg))
-
-
-def instance_means(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Mean of ``values`` over each label's pixels, float32 ``(max + 1,)`` (0 for absent labels and index 0)."""
-    n = int(labels.max()) if labels.size else 0
-    ids = labels.ravel()
-    count = np.bincount(ids, minlength=n + 1).astype(np.float64)
-    total = np.bincount(ids, weights=values.ravel().astype(np.float64), minlength=n + 1)
-    out = np.divide(total, count, out=np.zeros_like(total), where=count > 0).astype(np.float32)
-    out[0] = 0.0
-    return out
+    found = find_instances(det, seg, replace(info.instances, min_confidence=0.0))
+    hw = rgb.shape[:2]
+    labels = to_image_grid(found.labels, hw, mpp, info.mpp)
+    seg = to_image_grid(seg, hw, mpp, info.mpp)
+    return GuideMaps(seg.astype(np.float32), labels.astype(np.int32), found.confidence.astype(np.float32))
 
 
 @dataclass

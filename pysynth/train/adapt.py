@@ -26,8 +26,7 @@ import numpy as np
 
 from pysynth.errors import PysynthError
 from pysynth.fsutil import atomic_write_bytes, atomic_write_text
-from pysynth.instances import InstanceConfig, instances_from_maps
-from pysynth.synth.guide import instance_means
+from pysynth.instances import InstanceConfig, find_instances
 from pysynth.train.config import TrainConfig
 from pysynth.train.targets import IGNORE_LABEL
 
@@ -115,8 +114,8 @@ def pseudo_labels(
         pixels not ignored), ``nuclear`` (share of pixels in sure nuclei), ``mean_confidence``.
     """
     # every object, whatever the model's minimum confidence: the doubted ones are sorted below
-    found = instances_from_maps(detection, segmentation, replace(instances, min_confidence=0.0))
-    confidence = instance_means(found, segmentation)
+    objects = find_instances(detection, segmentation, replace(instances, min_confidence=0.0))
+    found, confidence = objects.labels, objects.confidence
     n = int(found.max()) if found.size else 0
     is_sure = confidence >= config.sure
     is_negative = confidence < config.negative_below
@@ -156,19 +155,15 @@ def label_tiles(
         The round's pseudo-label statistics (summed counts per tissue Mpx, mean shares), also written as
         ``out_dir/stats.json``.
     """
-    import torch
-
+    from pysynth.infer import inference_model
     from pysynth.io import tissue_mask_from_rgb
-    from pysynth.models.io import load_model
-    from pysynth.models.unet import fold_batchnorm
-    from pysynth.segment import predict_maps
+    from pysynth.segment import predict_maps, to_model_grid
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stats_path = out_dir / "stats.json"
     if stats_path.exists():
         return json.loads(stats_path.read_text())
-    model, info = load_model(teacher_dir)
-    model = fold_batchnorm(model).to(memory_format=torch.channels_last)
+    model, info = inference_model(str(teacher_dir))
     per_tile = []
     for k, (name, rgb) in enumerate(tiles):
         path = out_dir / f"{k:05d}.npz"
@@ -176,9 +171,8 @@ def label_tiles(
             with np.load(path) as z:
                 per_tile.append(json.loads(str(z["stats"])))
         else:
-            f = mpp / info.mpp
-            scaled = rgb if abs(f - 1) < 1e-6 else cv2.resize(rgb, (round(rgb.shape[1] * f), round(rgb.shape[0] * f)))
-            det, seg = predict_maps(model, np.ascontiguousarray(scaled), tta=config.tta)
+            scaled = np.ascontiguousarray(to_model_grid(rgb, mpp, info.mpp))
+            det, seg = predict_maps(model, scaled, tta=config.tta)
             labels, stats = pseudo_labels(det, seg, info.instances, config)
             tissue = tissue_mask_from_rgb(scaled, info.mpp)
             stats["tissue_mpx"] = float(tissue.sum() / 1e6)
@@ -328,8 +322,9 @@ def adapt(
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and (out_dir / ROUNDS).exists():
         shutil.rmtree(out_dir / ROUNDS)
-        (out_dir / "rounds.json").unlink(missing_ok=True)
-    claim_run(out_dir, {"adapt.yaml": yaml.safe_dump(settings, sort_keys=False)}, overwrite)
+    # on --overwrite the earlier adaptation's results go too: none may stand beside the new settings
+    stale = ("rounds.json", "model.pt", "model.json")
+    claim_run(out_dir, {"adapt.yaml": yaml.safe_dump(settings, sort_keys=False)}, overwrite, stale)
     tiles, failures = collect_real_tiles(real, base.synth, input_mpp=input_mpp, seed=base.seed)
     for message in failures:
         log.warning("%s", message)

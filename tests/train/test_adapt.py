@@ -202,3 +202,24 @@ def test_bad_input(run_cli, tmp_path: Path) -> None:
     bad_value = run_cli("adapt", "--real", str(white), "--config", str(bad), "--out", str(tmp_path / "o3"))
     assert bad_value.code == 2
     assert "tta" in bad_value.err
+
+
+def test_overwrite_leaves_no_earlier_result_beside_the_new_settings(run_cli, tmp_path: Path) -> None:
+    white = tmp_path / "white"
+    white.mkdir()
+    cv2.imwrite(str(white / "glass.png"), np.full((300, 300, 3), 250, np.uint8))
+    out = tmp_path / "out"
+    (out / "rounds" / "r1").mkdir(parents=True)
+    (out / "adapt.yaml").write_text("format: pysynth-adapt\nmodel: another\n")
+    for name in ("model.pt", "model.json", "rounds.json"):
+        (out / name).write_text("from an earlier adaptation")
+    args = ["adapt", "--real", str(white), "--input-mpp", "0.25", "--out", str(out)]
+    refused = run_cli(*args, "--config", str(_tiny_config(tmp_path)))
+    assert refused.code == 1
+    assert "other settings" in refused.err
+    assert (out / "model.pt").read_text() == "from an earlier adaptation"  # refused: nothing touched
+    redo = run_cli(*args, "--config", str(_tiny_config(tmp_path)), "--overwrite")
+    assert redo.code == 1
+    assert "no usable real tissue" in redo.err
+    # the earlier results are gone, not left to stand for the new settings
+    assert not any((out / name).exists() for name in ("model.pt", "model.json", "rounds.json", "rounds"))
