@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     from pysynth.errors import PysynthError
     from pysynth.sources import InputError
 
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:  # bare `pysynth`: its help, as `pysynth --help` (not a usage error)
+        args = ["--help"]
     try:
-        status = cli.main(args=argv, prog_name="pysynth", standalone_mode=False)
+        status = cli.main(args=args, prog_name="pysynth", standalone_mode=False)
     except click.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
+from typing import Any
 
 import click
 
+
+class FiniteFloatRange(click.FloatRange):
+    """:class:`click.FloatRange` that also refuses ``nan`` and ``±inf`` (a usage error, like any bad value).
+
+    ``float()`` accepts "nan" and "inf", and nan passes every range check (all comparisons with it are false).
+    """
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The number, checked finite before the range check."""
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
 input_mpp_option = click.option(
     "--input-mpp",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=None,
     metavar="UM",
     help="Resolution (µm/px) of inputs whose files carry none, e.g. PNG tiles (0.25 for 40x, 0.5 for 20x). "
@@ -17,7 +34,7 @@ input_mpp_option = click.option(
 )
 mpp_option = click.option(
     "--mpp",
-    type=click.FloatRange(min=0.05, max=50.0),
+    type=FiniteFloatRange(min=0.05, max=50.0),
     default=0.25,
     show_default=True,
     metavar="UM",
@@ -66,7 +83,7 @@ tta_option = click.option(
 )
 min_confidence_option = click.option(
     "--min-confidence",
-    type=click.FloatRange(0.0, 1.0),
+    type=FiniteFloatRange(0.0, 1.0),
     default=None,
     metavar="C",
     help="Drop nuclei whose confidence (mean segmentation probability over their pixels) is below C; the rest "

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from pysynth.cli._options import FiniteFloatRange
+
 _SUFFIXES = (".png", ".tif", ".tiff")
 _IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 _DOT_SUFFIX = "_gt_class_coords.txt"
@@ -57,14 +59,14 @@ _DOT_SUFFIX = "_gt_class_coords.txt"
 )
 @click.option(
     "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=None,
     metavar="UM",
     help="With --dots: resolution of the images, dots and label maps in µm/px (BRCA-M2C: 0.5).",
 )
 @click.option(
     "--radius-um",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=None,
     metavar="UM",
     help="With --dots: largest centroid-to-dot distance of a match, in µm [default: 3].",

@@ -33,7 +33,11 @@ from pysynth.cli._options import (
 )
 @click.option("--core", type=click.IntRange(min=64), default=2048, show_default=True, help="Region side (model px).")
 @click.option(
-    "--margin", type=click.IntRange(min=0), default=128, show_default=True, help="Context around each region (px)."
+    "--margin",
+    type=click.IntRange(min=64),
+    default=128,
+    show_default=True,
+    help="Context around each region (model px); at least 64, more than the largest nucleus.",
 )
 @click.option(
     "--tile",
@@ -83,31 +87,34 @@ def infer_command(
 ) -> int:
     """Segment every nucleus of whole slides (and images) into --out/<slide>/.
 
-    Per slide: nuclei.geojson (QuPath detections: polygons in level-0 pixels, area, perimeter, centroid, mean
-    haematoxylin, Confidence = mean segmentation probability, Detection peak), csv/ (polygons per region:
+    Per slide: nuclei.geojson (QuPath detections: polygons in level-0 pixels, area, sub-pixel perimeter and shape,
+    centroid, mean haematoxylin, Confidence = mean segmentation probability, Detection peak), csv/ (polygons per region:
     AreaInPixels,PhysicalSize,Polygon), overlay.png and summary.json. With the defaults the nuclei are those
     `pysynth segment` finds on the same pixels. Interrupted runs resume (finished slides are skipped, finished
     regions kept; other --tta, --min-confidence or region settings are refused without --overwrite); Ctrl-C
     once stops after the current region.
     """
-    import json
     import os
     import time
+    from dataclasses import asdict
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from pysynth.fsutil import atomic_write_text, prepare_output_dir
-    from pysynth.infer import InferConfig, run_slide
+    from pysynth.errors import PysynthError
+    from pysynth.fsutil import prepare_output_dir
+    from pysynth.infer import SUMMARY, InferConfig, inference_model, run_slide
+    from pysynth.ledger import Ledger, file_identity
     from pysynth.models.io import read_model_info, resolve_model_dir
     from pysynth.segment import resolve_device
-    from pysynth.sources import collect_sources, unique_names
+    from pysynth.sources import collect_sources
     from pysynth.train.loop import StopAtStepEnd
 
     setup_logging()
     paths = collect_sources(slides)
     folder = resolve_model_dir(model_dir)
     read_model_info(folder)  # a folder that is not a model fails here, before anything is written
+    inference_model(str(folder))  # and so do unreadable weights (kept loaded for the slides of this process)
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev.type)
     try:
@@ -118,83 +125,148 @@ def infer_command(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     out = prepare_output_dir(out_dir)
-    stems = unique_names(paths)
-    records: list[dict] = []
     started = time.perf_counter()
+    run_settings = {"model": str(folder), "input_mpp": input_mpp, "config": asdict(config)}
+    with Ledger(out, "infer", run_settings) as ledger:
+        stems = ledger.names(paths)
+        records: dict[str, dict] = {}
+        todo: list[tuple[Path, str, bool]] = []
+        identities: dict[str, dict] = {}
+        for path, stem in zip(paths, stems, strict=True):
+            try:
+                identities[stem] = file_identity(path)
+            except PysynthError as exc:
+                records[stem] = {"slide": str(path), "status": "failed", "error": str(exc)}
+                continue
+            candidates = [out / stem / SUMMARY, out / stem / "nuclei.geojson"]
+            verdict = ledger.verdict(
+                stem, identities[stem], run_settings, candidates, overwrite=overwrite, check_settings=False
+            )
+            if verdict.action == "refuse":
+                records[stem] = {"slide": str(path), "status": "refused", "error": f"{path}: {verdict.reason}"}
+            else:  # settings are checked by the slide's own summary.json (infer_slide)
+                todo.append((path, stem, overwrite or verdict.action == "redo"))
 
-    if scheduler is not None:
-        records = _on_cluster(scheduler, paths, stems, out, folder, input_mpp, device, config, overwrite)
-    elif workers == 1:
-        overall = tqdm(total=len(paths), desc="slides", unit="slide", dynamic_ncols=True, position=0)
-        with StopAtStepEnd() as stop:
-            for path, stem in zip(paths, stems, strict=True):
-                bar = tqdm(desc=stem[:24], unit="region", dynamic_ncols=True, position=1, leave=False)
+        def finish(stem: str, record: dict) -> None:
+            records[stem] = record
+            if record["status"] in ("done", "skipped"):
+                slide_dir = out / stem
+                earlier = ledger.entries.get(stem, {})
+                kept = {k: v for k, v in earlier.items() if k == "record"} if record["status"] == "skipped" else {}
+                ledger.record(
+                    stem,
+                    identities[stem],
+                    run_settings,
+                    [slide_dir / SUMMARY, slide_dir / "nuclei.geojson"],
+                    record=kept.get("record") or {k: v for k, v in record.items() if k != "status"},
+                )
+                if record["status"] == "skipped":
+                    ledger.entries[stem]["run"] = earlier.get("run", ledger.run_id)
+                    ledger.entries[stem]["finished"] = earlier.get("finished", ledger.entries[stem]["finished"])
+                    ledger.save()
+            if record["status"] in ("failed", "refused"):
+                tqdm.write(f"error: {record['error']}")
 
-                def progress(done: int, total: int, nuclei: int, bar: tqdm = bar) -> None:
-                    bar.total = total
-                    bar.n = done
-                    bar.set_postfix(nuclei=nuclei, refresh=False)
-                    bar.refresh()
+        if scheduler is not None:
+            for (_, stem, _), record in zip(
+                todo, _on_cluster(scheduler, todo, out, folder, input_mpp, device, config), strict=True
+            ):
+                finish(stem, record)
+        elif workers == 1:
+            overall = tqdm(total=len(todo), desc="slides", unit="slide", dynamic_ncols=True, position=0)
+            with StopAtStepEnd() as stop:
+                for path, stem, redo in todo:
+                    bar = tqdm(desc=stem[:24], unit="region", dynamic_ncols=True, position=1, leave=False)
 
-                try:
-                    record = run_slide(
-                        str(path), str(out), model_dir=str(folder), input_mpp=input_mpp, device=device,
-                        config=config, overwrite=overwrite, stem=stem, progress=progress,
-                        stop=lambda: stop.requested,
-                    )  # fmt: skip
-                finally:
-                    bar.close()
-                records.append(record)
-                overall.update(1)
-                if record["status"] == "failed":
-                    tqdm.write(f"error: {record['error']}")
-        overall.close()
-    else:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
+                    def progress(done: int, total: int, nuclei: int, bar: tqdm = bar) -> None:
+                        bar.total = total
+                        bar.n = done
+                        bar.set_postfix(nuclei=nuclei, refresh=False)
+                        bar.refresh()
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        kwargs = {
-            "model_dir": str(folder),
-            "input_mpp": input_mpp,
-            "device": device,
-            "config": config,
-            "overwrite": overwrite,
-            "threads": threads,
-        }
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = [
-                pool.submit(run_slide, str(path), str(out), stem=stem, **kwargs)
-                for path, stem in zip(paths, stems, strict=True)
-            ]
-            for future in tqdm(futures, desc="slides", unit="slide", dynamic_ncols=True):
-                record = future.result()
-                records.append(record)
-                if record["status"] == "failed":
-                    tqdm.write(f"error: {record['error']}")
+                    try:
+                        record = run_slide(
+                            str(path), str(out), model_dir=str(folder), input_mpp=input_mpp, device=device,
+                            config=config, overwrite=redo, stem=stem, progress=progress,
+                            stop=lambda: stop.requested,
+                        )  # fmt: skip
+                    finally:
+                        bar.close()
+                    finish(stem, record)
+                    overall.update(1)
+            overall.close()
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
 
-    wall = time.perf_counter() - started
-    failed = [r for r in records if r["status"] == "failed"]
-    run = {"model": str(folder), "wall_s": round(wall, 2), "slides": records}
-    atomic_write_text(out / "run.json", json.dumps(run, indent=1, default=str))
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            kwargs = {"model_dir": str(folder), "input_mpp": input_mpp, "device": device, "config": config}
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                futures = [
+                    pool.submit(run_slide, str(path), str(out), stem=stem, overwrite=redo, threads=threads, **kwargs)
+                    for path, stem, redo in todo
+                ]
+                for (_, stem, _), future in tqdm(
+                    list(zip(todo, futures, strict=True)), desc="slides", unit="slide", dynamic_ncols=True
+                ):
+                    finish(stem, future.result())
+
+        wall = time.perf_counter() - started
+        this_run = [records[stem] for stem in stems if stem in records]
+        ledger.run.update(
+            wall_s=round(wall, 2),
+            slides={stem: records[stem]["status"] for stem in stems if stem in records},
+        )
+        ledger.save()
+        _write_run_json(out, ledger, records)
+    failed = [r for r in this_run if r["status"] in ("failed", "refused")]
     click.echo(f"{'slide':32s} {'status':8s} {'nuclei':>9s} {'regions':>8s} {'Mpx/s':>7s} {'time':>8s}")
-    for r in records:
-        if r["status"] == "failed":
-            click.echo(f"{Path(r['slide']).name[:32]:32s} failed")
+    for r in this_run:
+        if r["status"] in ("failed", "refused"):
+            click.echo(f"{Path(r['slide']).name[:32]:32s} {r['status']}")
             continue
         rate = f"{r['processed_pixels'] / r['seconds'] / 1e6:7.2f}" if r.get("seconds") else f"{'':7s}"
         time_s = f"{r['seconds']:7.1f}s" if r.get("seconds") else f"{'':8s}"
         click.echo(
             f"{Path(r['slide']).name[:32]:32s} {r['status']:8s} {r['nuclei']:9d} {r['regions']:8d} {rate} {time_s}"
         )
-    click.echo(f"{len(records) - len(failed)} of {len(records)} slide(s) done in {wall:.1f} s; results in {out}")
+    click.echo(f"{len(this_run) - len(failed)} of {len(this_run)} slide(s) done in {wall:.1f} s; results in {out}")
     for r in failed:
         click.echo(f"error: {r['error']}", err=True)
     return 1 if failed else 0
 
 
-def _on_cluster(scheduler, paths, stems, out, folder, input_mpp, device, config, overwrite) -> list[dict]:
-    """One ``run_slide`` task per slide on a Dask distributed cluster; records in the order of ``paths``."""
+def _write_run_json(out, ledger, records: dict[str, dict]) -> None:
+    """Write ``run.json``: every slide of the folder, not only this call's, and every run with what it did.
+
+    Each slide carries the run that made its results; one refused or failed in this call keeps its earlier
+    finished record, with the refusal under ``last_call``.
+    """
+    import json
+
+    from pysynth.fsutil import atomic_write_text
+
+    slides = []
+    for stem, entry in sorted(ledger.entries.items()):
+        record = dict(entry.get("record") or {})
+        record.update(name=stem, slide=entry["input"]["path"], status="done", run=entry["run"])
+        record["input"] = {k: entry["input"][k] for k in ("size", "hash")}
+        now = records.get(stem)
+        if now is not None and now["status"] in ("failed", "refused"):
+            record["last_call"] = {"status": now["status"], "error": now["error"], "run": ledger.run_id}
+        slides.append(record)
+    for stem, now in sorted(records.items()):
+        if stem not in ledger.entries:
+            slides.append({"name": stem, **now, "run": ledger.run_id})
+    run = {"format": "pysynth-infer-run", "version": 2, "runs": ledger.runs, "slides": slides}
+    atomic_write_text(out / "run.json", json.dumps(run, indent=1, default=str) + "\n")
+
+
+def _on_cluster(scheduler, todo, out, folder, input_mpp, device, config) -> list[dict]:
+    """One ``run_slide`` task per ``(path, stem, overwrite)`` of ``todo`` on a Dask distributed cluster.
+
+    Returns the records in the order of ``todo``.
+    """
     from pathlib import Path
 
     from tqdm import tqdm
@@ -215,12 +287,19 @@ def _on_cluster(scheduler, paths, stems, out, folder, input_mpp, device, config,
         "input_mpp": input_mpp,
         "device": device,
         "config": config,
-        "overwrite": overwrite,
     }
     with client:
         futures = [
-            client.submit(run_slide, str(Path(p).resolve()), str(Path(out).resolve()), stem=stem, pure=False, **kwargs)
-            for p, stem in zip(paths, stems, strict=True)
+            client.submit(
+                run_slide,
+                str(Path(p).resolve()),
+                str(Path(out).resolve()),
+                stem=stem,
+                overwrite=redo,
+                pure=False,
+                **kwargs,
+            )
+            for p, stem, redo in todo
         ]
         order = {f.key: i for i, f in enumerate(futures)}
         records: list[dict | None] = [None] * len(futures)
@@ -229,7 +308,6 @@ def _on_cluster(scheduler, paths, stems, out, folder, input_mpp, device, config,
             try:
                 records[i] = future.result()
             except Exception as exc:  # a worker died or the task could not run there
-                records[i] = {"slide": str(paths[i]), "status": "failed", "error": f"{paths[i]}: {exc}"}
-            if records[i]["status"] == "failed":
-                tqdm.write(f"error: {records[i]['error']}")
+                path = todo[i][0]
+                records[i] = {"slide": str(path), "status": "failed", "error": f"{path}: {exc}"}
     return [r for r in records if r is not None]

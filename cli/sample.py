@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pysynth.cli._options import (
+    FiniteFloatRange,
     input_mpp_option,
     mpp_option,
     out_option,
@@ -34,7 +35,7 @@ from pysynth.cli._options import (
 @mpp_option
 @click.option(
     "--min-tissue",
-    type=click.FloatRange(0.0, 1.0),
+    type=FiniteFloatRange(0.0, 1.0),
     default=0.7,
     show_default=True,
     help="Least tissue fraction of a patch.",
@@ -43,7 +44,11 @@ from pysynth.cli._options import (
 @workers_option
 @input_mpp_option
 @click.option("--preview", is_flag=True, help="Also write contact_sheet.png and overview/<slide>.png.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out made with other settings.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an earlier run in --out made with other settings, and redo sources whose file changed.",
+)
 def sample_command(
     inputs: tuple[str, ...],
     out_dir: str,
@@ -59,14 +64,18 @@ def sample_command(
 ) -> int:
     """Sample random non-overlapping tissue patches (PNG) from slides, images, folders or globs.
 
-    Writes DIR/<slide>_<i>.png and DIR/manifest.csv (source, level-0 x/y, size, µm/px, tissue fraction).
-    The same seed gives the same patches whatever --workers. An interrupted run resumes where it stopped.
+    Writes DIR/<slide>_<i>.png and DIR/manifest.csv (source, level-0 x/y, size, µm/px, tissue fraction, the run
+    that made the row). The same seed gives the same patches whatever --workers. DIR records what made each
+    source's patches (.pysynth-ledger.json): a rerun keeps finished sources (an interrupted run resumes where it
+    stopped), adds new ones, and the manifest lists every source the folder holds; a source whose file changed is
+    refused unless --overwrite. Sources that share a stem are named by their folders (case17/HE.svs ->
+    case17_HE), whatever the order on the command line.
     """
     from tqdm import tqdm
 
     from pysynth.fsutil import prepare_output_dir
     from pysynth.sample import SampleConfig, sample, write_preview
-    from pysynth.sources import collect_sources, unique_names
+    from pysynth.sources import collect_sources
 
     setup_logging()
     sources = collect_sources(inputs)
@@ -77,7 +86,7 @@ def sample_command(
     with tqdm(total=len(sources) * n_per_slide, unit="patch", desc="sampling", dynamic_ncols=True) as bar:
         report = sample(
             sources,
-            unique_names(sources),
+            None,
             out,
             config,
             workers=workers,
@@ -90,7 +99,10 @@ def sample_command(
     if report.skipped:
         click.echo(f"resumed: {report.skipped} source(s) were already done", err=True)
     ok = len(report.results) - len(report.failures)
-    click.echo(f"{report.patches} patches from {ok} of {len(report.results)} source(s) -> {report.manifest}")
+    click.echo(
+        f"{report.patches} patches from {ok} of {len(report.results)} source(s); the manifest lists "
+        f"{report.manifest_rows} -> {report.manifest}"
+    )
     if preview and report.patches:
         click.echo(f"preview: {write_preview(report, out, config)}")
     if report.failures:

@@ -16,8 +16,6 @@ from pysynth.cli._options import (
     tta_option,
 )
 
-_SETTINGS = ".pysynth-segment.json"
-
 
 @click.command("segment")
 @click.argument("images", nargs=-1, required=True, metavar="IMAGES...")
@@ -29,7 +27,10 @@ _SETTINGS = ".pysynth-segment.json"
 @device_option
 @precision_option
 @click.option(
-    "--overwrite", is_flag=True, help="Replace results in --out made with another model, --tta or --min-confidence."
+    "--overwrite",
+    is_flag=True,
+    help="Redo results in --out made from other input content, with another model or other settings, or that "
+    "the folder has no record of (without it they are kept and refused).",
 )
 def segment_command(
     images: tuple[str, ...],
@@ -48,10 +49,11 @@ def segment_command(
     input's pixel coordinates, each with the measurements Confidence (mean segmentation probability over the
     nucleus) and Detection peak (its highest detection probability). The network sees each image as `pysynth
     infer` sees a slide (one pass up to 2,048 px at the model's resolution, beyond that 2,048 px cores with
-    128 px of context), so both give the same nuclei. Images already finished in --out with the same model and
-    settings are skipped.
+    128 px of context), so both give the same nuclei. --out records what made each result
+    (.pysynth-ledger.json): a rerun keeps results of the same input content and settings, makes missing ones, and
+    refuses (exit 1, results kept) or with --overwrite redoes the others. Images that share a stem are named by
+    their folders (case17/HE.png -> case17_HE), the same whatever the order on the command line.
     """
-    import json
     import time
     from dataclasses import replace
 
@@ -59,13 +61,14 @@ def segment_command(
     from tqdm import tqdm
 
     from pysynth.errors import PysynthError, SlideError
-    from pysynth.fsutil import atomic_write_text, prepare_output_dir
+    from pysynth.fsutil import prepare_output_dir
     from pysynth.infer import keep_freed_memory
     from pysynth.io import open_slide, read_region
+    from pysynth.ledger import Ledger, file_identity
     from pysynth.models.io import load_model, model_digest, resolve_model_dir
     from pysynth.models.unet import fold_batchnorm
     from pysynth.segment import MAX_PIXELS, output_paths, resolve_device, segment_image, write_outputs
-    from pysynth.sources import collect_sources, unique_names
+    from pysynth.sources import collect_sources
 
     setup_logging()
     keep_freed_memory()  # the network's large activations are reused, not mapped afresh (infer does the same)
@@ -76,58 +79,63 @@ def segment_command(
     model = fold_batchnorm(model).to(dev).to(memory_format=torch.channels_last)
     precision = resolve_precision(precision, dev.type)
     instances = info.instances if min_confidence is None else replace(info.instances, min_confidence=min_confidence)
-    settings = {"model": model_digest(folder), "tta": tta, "min_confidence": instances.min_confidence}
+    run_settings = {
+        "model": model_digest(folder),
+        "tta": tta,
+        "min_confidence": instances.min_confidence,
+        "precision": precision,
+    }
     out = prepare_output_dir(out_dir)
-    settings_path = out / _SETTINGS
-    if settings_path.exists() and not overwrite:
-        try:
-            old = json.loads(settings_path.read_text())
-        except ValueError:
-            old = None
-        if old != settings:
-            raise PysynthError(
-                f"{out}: holds results of another model or other settings (--tta, --min-confidence); use another "
-                "--out, or --overwrite to replace them"
-            )
-    atomic_write_text(settings_path, json.dumps(settings) + "\n")
 
-    failures, done, skipped, nuclei, pixels, seconds = [], 0, 0, 0, 0, 0.0
-    for path, stem in tqdm(
-        list(zip(paths, unique_names(paths), strict=True)), desc="segment", unit="image", dynamic_ncols=True
-    ):
-        finished = [output_paths(out, stem, n) for n in (0, 70000)]
-        if not overwrite and any(p.labels.exists() and p.geojson.exists() and p.overlay.exists() for p in finished):
-            skipped += 1
-            continue
-        try:
-            with open_slide(path, input_mpp) as reader:
-                h, w = reader.level_shapes_hw[0]
-                if h * w * (reader.mpp / info.mpp) ** 2 > MAX_PIXELS:
-                    raise SlideError(path, f"{w}×{h} px is a whole slide: too large for segment (use infer)")
-                rgb = read_region(reader, 0, 0, (h, w), reader.mpp)
-                mpp = reader.mpp
-            started = time.perf_counter()
-            found = segment_image(model, info, rgb, mpp, instances, precision=precision, tta=tta)
-            seconds += time.perf_counter() - started
-        except SlideError as exc:
-            failures.append(str(exc))
-            continue
-        except PysynthError as exc:
-            failures.append(f"{path}: {exc}")
-            continue
-        write_outputs(out, stem, rgb, found)
-        done += 1
-        nuclei += found.count
-        pixels += found.labels.size * (mpp / info.mpp) ** 2  # pixels the network saw, at the model's resolution
+    failures, refused, done, skipped, nuclei, pixels, seconds = [], [], 0, 0, 0, 0, 0.0
+    with Ledger(out, "segment", {**run_settings, "input_mpp": input_mpp}) as ledger:
+        names = ledger.names(paths)
+        for path, stem in tqdm(list(zip(paths, names, strict=True)), desc="segment", unit="image", dynamic_ncols=True):
+            candidates = [f for n in (0, 70000) for f in output_paths(out, stem, n)]
+            try:
+                identity = file_identity(path)
+                with open_slide(path, input_mpp) as reader:
+                    settings = {**run_settings, "input_mpp": reader.mpp}  # the µm/px the image was read at
+                    verdict = ledger.verdict(stem, identity, settings, candidates, overwrite=overwrite)
+                    if verdict.action == "keep":
+                        skipped += 1
+                        continue
+                    if verdict.action == "refuse":
+                        refused.append(f"{path}: {verdict.reason}")
+                        continue
+                    h, w = reader.level_shapes_hw[0]
+                    if h * w * (reader.mpp / info.mpp) ** 2 > MAX_PIXELS:
+                        raise SlideError(path, f"{w}×{h} px is a whole slide: too large for segment (use infer)")
+                    rgb = read_region(reader, 0, 0, (h, w), reader.mpp)
+                    mpp = reader.mpp
+                started = time.perf_counter()
+                found = segment_image(model, info, rgb, mpp, instances, precision=precision, tta=tta)
+                seconds += time.perf_counter() - started
+            except SlideError as exc:
+                failures.append(str(exc))
+                continue
+            except PysynthError as exc:
+                failures.append(f"{path}: {exc}")
+                continue
+            stale = ledger.outputs_of(stem)
+            written = write_outputs(out, stem, rgb, found, mpp=mpp)
+            for old in set(stale) - set(written):  # e.g. a 16-bit PNG replaced by a 32-bit TIFF on a redo
+                old.unlink(missing_ok=True)
+            ledger.record(stem, identity, settings, written, nuclei=found.count)
+            done += 1
+            nuclei += found.count
+            pixels += found.labels.size * (mpp / info.mpp) ** 2  # pixels the network saw, at the model's resolution
+        ledger.run.update(done=done, kept=skipped, refused=len(refused), failed=len(failures))
     rate = f", {pixels / seconds / 1e6:.2f} Mpx/s at {info.mpp:g} µm/px" if seconds > 0 else ""
     click.echo(
         f"segmented {done} image(s), {nuclei} nuclei{rate}"
         + (f"; {skipped} already done" if skipped else "")
         + f"; results in {out}"
     )
-    for message in failures:
+    for message in refused + failures:
         click.echo(f"error: {message}", err=True)
+    if refused:
+        click.echo(f"error: {len(refused)} of {len(paths)} input(s) refused (results kept as they are)", err=True)
     if failures:
         click.echo(f"error: {len(failures)} of {len(paths)} input(s) failed", err=True)
-        return 1
-    return 0
+    return 1 if failures or refused else 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import click
 
 from pysynth.cli._options import input_mpp_option, out_option, seed_option, setup_logging, workers_option
@@ -93,7 +96,10 @@ def synthesize_command(
     except (ValueError, TypeError) as exc:
         raise click.BadParameter(str(exc), param_hint="--config") from None
     out = prepare_output_dir(out_dir)
-    with tqdm(total=n, unit="patch", desc="synthesizing", dynamic_ncols=True, smoothing=0.1) as bar:
+    with (
+        tqdm(total=n, unit="patch", desc="synthesizing", dynamic_ncols=True, smoothing=0.1) as bar,
+        _in_option_terms(),
+    ):
         report, failures = synthesize_dataset(
             [Path(s) for s in sources],
             out,
@@ -106,8 +112,6 @@ def synthesize_command(
             overwrite=overwrite,
             progress=bar.update,
         )
-    for message in failures:
-        click.echo(f"warning: skipped {message}", err=True)
     kept = f", {report.skipped} shard(s) kept from an earlier run" if report.skipped else ""
     click.echo(f"{report.items} synthetic patches of {size} px -> {out} ({report.written} shard(s) written{kept})")
     if preview:
@@ -123,4 +127,41 @@ def synthesize_command(
         (out / "png").mkdir(exist_ok=True)
         export(ds, out / "png", picks.tolist())
         click.echo(f"png: {len(picks)} patches -> {out / 'png'}")
+    if failures:  # as `pysynth sample` does: the usable sources are done, the others named, exit status 1
+        click.echo(f"failed: {len(failures)} source(s) (the dataset was made from the others)", err=True)
+        for message in failures:
+            click.echo(f"  error: {message}", err=True)
+        return 1
     return 0
+
+
+#: How the command line names what a dataset records (see pysynth.synth.generate._check_earlier_dataset).
+_OPTION_TERMS = {
+    "n": "--n",
+    "shard_size": "--shard-size",
+    "seed": "--seed",
+    "config.size": "--size",
+    "sources": "source tile names",
+    "guide_digest": "guide model weights",
+    "schema": "item layout (made by another pysynth version)",
+    "attrs": "synthesis settings",
+}
+
+
+@contextlib.contextmanager
+def _in_option_terms() -> Iterator[None]:
+    """Re-raise a refused dataset folder in this command's terms: its options, and ``--overwrite``."""
+    from pysynth.errors import PysynthError
+    from pysynth.synth.store import DatasetMismatchError
+
+    try:
+        yield
+    except DatasetMismatchError as exc:
+        named = []
+        for key, detail in exc.changes:
+            term = _OPTION_TERMS.get(key) or (f"--config {key[7:]}" if key.startswith("config.") else key)
+            named.append(f"{term} ({detail})" if detail else term)
+        what = "made from other" if exc.changes[0][0] == "real tissue" else "made with other settings:"
+        raise PysynthError(
+            f"{exc.path}: holds a dataset {what} {', '.join(named)}; use another folder, or --overwrite to replace it"
+        ) from None

@@ -89,6 +89,7 @@ def train_command(
     at the end model.pt + model.json (with post-processing thresholds chosen on held-out synthetic patches), the
     folder that `pysynth segment --model` takes.
     """
+    import time
     from pathlib import Path
 
     from tqdm import tqdm
@@ -134,6 +135,7 @@ def train_command(
         for r in real_paths:  # fail early on a path that does not exist or holds nothing usable
             if not (r / "manifest.csv").is_file():
                 collect_sources([r])
+    started = time.perf_counter()
     bar = tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True)
 
     def progress(step: int, parts: dict[str, float]) -> None:
@@ -141,6 +143,8 @@ def train_command(
         if "loss" in parts:
             bar.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
         bar.refresh()
+        if step >= config.steps:
+            bar.close()  # what follows (threshold selection) logs its own line below the finished bar
 
     try:
         run = train if joint is None else lambda c, o, **kw: train_joint(c, joint, o, **kw)
@@ -159,8 +163,18 @@ def train_command(
         bar.close()
     v = summary["validation"]
     click.echo(
-        f"trained {summary['steps']} steps in {summary['train_wall_s'] / 60:.1f} min; held-out synthetic: "
+        f"trained {summary['steps']} steps ({_duration(summary['train_wall_s'])} of training steps in all runs; "
+        f"this call {_duration(time.perf_counter() - started)}); held-out synthetic: "
         f"AJI {v['aji']:.3f}, PQ {v['pq']:.3f} (seed threshold {v['detection_threshold']}, foreground "
         f"{v['foreground_threshold']}); model in {out}"
     )
     return 0
+
+
+def _duration(seconds: float) -> str:
+    """``36 s``, ``4.2 min`` or ``1.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -45,9 +45,16 @@ def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     Args:
         path: Final file name.
         mode: ``"wb"`` or ``"w"`` (UTF-8 text).
+
+    Raises:
+        OSError: If creating, writing or renaming the file fails; it names ``path``, never the hidden temporary
+            file (an error of the caller's own inside the block, about another file, passes unchanged).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:  # the folder is missing or not writable: the message names the file asked for
+        raise _naming(exc, path, exc.filename) from None  # exc names the temporary file mkstemp tried
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be as readable as any file
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
@@ -55,10 +62,19 @@ def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             handle.flush()
             os.fsync(handle.fileno())
         Path(tmp).replace(path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             Path(tmp).unlink()
+        if isinstance(exc, OSError) and (named := _naming(exc, path, tmp)) is not exc:
+            raise named from None
         raise
+
+
+def _naming(exc: OSError, path: Path, tmp: str) -> OSError:
+    """``exc`` naming ``path`` where it names no file or the temporary one (``tmp``); else ``exc`` itself."""
+    if exc.errno is None or (exc.filename is not None and exc.filename != tmp):
+        return exc
+    return OSError(exc.errno, exc.strerror, str(path))  # OSError picks the subclass (FileNotFoundError, ...)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -43,11 +43,16 @@ from pysynth.io.tissue import TissueMask
 from pysynth.models.io import ModelInfo, model_digest
 from pysynth.models.unet import UNet
 from pysynth.segment import CONFIDENCE, DETECTION_PEAK, TTA_CHOICES, predict_maps
+from pysynth.shape import MEASUREMENT_NAMES, shape_features
 
 log = logging.getLogger(__name__)
 
 PARTS = ".parts"
 SETTINGS = "settings.json"
+#: Version of the per-nucleus measurements: regions saved by a version with other measurements are not mixed in.
+MEASUREMENTS_VERSION = 2
+#: Least context around a region (model px): more than the largest nucleus (about 15 µm, 60 px at 0.25 µm/px).
+MIN_MARGIN = 64
 SUMMARY = "summary.json"
 GEOJSON = "nuclei.geojson"
 OVERLAY = "overlay.png"
@@ -109,8 +114,11 @@ class InferConfig:
     def __post_init__(self) -> None:
         if self.core < 64:
             raise ValueError(f"core must be at least 64 px, got {self.core}")
-        if self.margin < 0:
-            raise ValueError(f"margin must be non-negative, got {self.margin}")
+        if self.margin < MIN_MARGIN:
+            raise ValueError(
+                f"margin must be at least {MIN_MARGIN} px (more than the largest nucleus, or nuclei on region seams "
+                f"are cut or found twice), got {self.margin}"
+            )
         if self.tile and self.tile < 128:
             raise ValueError(f"tile must be 0 (one pass) or at least 128 px, got {self.tile}")
         if self.normalise not in ("reinhard", "macenko", "none"):
@@ -337,6 +345,9 @@ def region_nuclei(
 ) -> list[dict[str, Any]]:
     """The nuclei a region owns, with polygons in level-0 coordinates and measurements.
 
+    The polygons are the exact pixel-edge outlines; the perimeter and the shape features are measured on the
+    window's labels by :func:`pysynth.shape.shape_features` (perimeter on a sub-pixel outline).
+
     Args:
         original: The window as read (measurements use the slide's own colours, not the normalised ones).
         det: Detection probability map of the window.
@@ -372,6 +383,7 @@ def region_nuclei(
     )  # fmt: skip
     owned[0] = False
     rings = trace_contours(labels)
+    shape = shape_features(labels, mpp, only=np.flatnonzero(owned))  # perimeter on a sub-pixel outline
     out = []
     f = level0_per_px
     for k in np.flatnonzero(owned):
@@ -379,14 +391,18 @@ def region_nuclei(
         if len(ring) < 3:
             continue
         poly = (ring + np.array(origin)) * f
-        closed = np.vstack([ring, ring[:1]])
-        perimeter = float(np.hypot(*np.diff(closed, axis=0).T).sum()) * mpp
         out.append(
             {
                 "polygon": np.round(poly, 2).tolist(),
                 "area_px": int(counts[k]),
                 "area_um2": round(float(counts[k]) * mpp * mpp, 3),
-                "perimeter_um": round(perimeter, 3),
+                "perimeter_um": round(float(shape.perimeter_um[k]), 3),
+                "circularity": round(float(shape.circularity[k]), 4),
+                "solidity": round(float(shape.solidity[k]), 4),
+                "eccentricity": round(float(shape.eccentricity[k]), 4),
+                "major_axis_um": round(float(shape.major_axis_um[k]), 3),
+                "minor_axis_um": round(float(shape.minor_axis_um[k]), 3),
+                "orientation_deg": round(float(shape.orientation_deg[k]), 2),
                 "centroid": [round(float(gx[k] * f), 2), round(float(gy[k] * f), 2)],
                 "hematoxylin": round(float(mean_h[k]), 4),
                 "confidence": round(float(found.confidence[k]), 4),
@@ -455,8 +471,8 @@ def _feature(nuc: dict[str, Any], ident: int) -> dict[str, Any]:
             "objectType": "detection",
             "classification": {"name": "Nucleus"},
             "measurements": {
-                "Area µm^2": nuc["area_um2"],
-                "Perimeter µm": nuc["perimeter_um"],
+                # Area, perimeter and the shape features (parts written before the latter existed lack them).
+                **{name: nuc[key] for key, name in MEASUREMENT_NAMES.items() if key in nuc},
                 "Centroid X px": nuc["centroid"][0],
                 "Centroid Y px": nuc["centroid"][1],
                 "Hematoxylin OD mean": nuc["hematoxylin"],
@@ -561,6 +577,7 @@ def infer_slide(
         "instances": asdict(instances),
         "slide_mpp": reader.mpp,
         "level0_hw": list(reader.level_shapes_hw[0]),
+        "measurements": MEASUREMENTS_VERSION,
     }
     summary_path = slide_dir / SUMMARY
     parts = slide_dir / PARTS
@@ -574,8 +591,12 @@ def infer_slide(
             old = {}
         if old.get("settings") == settings:
             return SlideResult(str(reader.name), int(old.get("nuclei", 0)), 0, 0.0, 0.0, 0.0, {}, skipped=True)
-        raise PysynthError(
-            f"{slide_dir}: holds results made with another model or settings; use --overwrite to replace them"
+        from pysynth.ledger import SettingsMismatch, settings_diff
+
+        changed = settings_diff(old.get("settings") or {}, settings)
+        raise SettingsMismatch(
+            f"{slide_dir}: holds results made with other settings ({'; '.join(changed) or 'unreadable record'}); "
+            "kept as they are: use --overwrite to redo them, or another --out"
         )
     settings_path = parts / SETTINGS
     if parts.exists():
@@ -751,11 +772,13 @@ def run_slide(
     becomes a ``"failed"`` record with a one-line ``error``, so the other slides go on; ``progress`` and ``stop``
     are passed to :func:`infer_slide` (a stop raises :class:`KeyboardInterrupt`).
 
-    Returns a JSON-able record: ``status`` ``"done"``, ``"skipped"`` or ``"failed"`` (with ``error``), and the
+    Returns a JSON-able record: ``status`` ``"done"``, ``"skipped"``, ``"refused"`` (the slide's folder holds
+    results made with other settings, kept as they are) or ``"failed"`` (both with ``error``), and the
     :class:`SlideResult` fields.
     """
     from pysynth.errors import SlideError
     from pysynth.io import open_slide
+    from pysynth.ledger import SettingsMismatch
     from pysynth.models.io import resolve_model_dir
     from pysynth.segment import resolve_device
 
@@ -773,6 +796,8 @@ def run_slide(
             )  # fmt: skip
     except SlideError as exc:
         return {"slide": str(path), "status": "failed", "error": str(exc)}
+    except SettingsMismatch as exc:
+        return {"slide": str(path), "status": "refused", "error": f"{path}: {exc}"}
     except PysynthError as exc:
         return {"slide": str(path), "status": "failed", "error": f"{path}: {exc}"}
     except OSError as exc:

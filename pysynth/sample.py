@@ -6,6 +6,7 @@ source do not depend on which other sources are in the run or on how many worker
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -36,6 +37,7 @@ MANIFEST_COLUMNS = (
     "mpp_source",
     "level",
     "tissue_fraction",
+    "run",
 )
 _STATE_DIR = ".pysynth-sample"
 
@@ -149,6 +151,8 @@ def sample_source(
     out_dir: str | Path,
     config: SampleConfig,
     progress: Callable[[int], None] | None = None,
+    *,
+    report_greyscale: bool = False,
 ) -> SourceResult:
     """Sample one source and write its patches as ``<name>_<index>.png`` into ``out_dir``.
 
@@ -160,6 +164,8 @@ def sample_source(
         out_dir: Where patches go.
         config: What to sample.
         progress: Called with 1 after each patch written.
+        report_greyscale: Put the greyscale warning (:func:`pysynth.io.tissue.looks_greyscale`) into the
+            result's ``warning`` (in worker processes, whose log is not shown).
 
     Returns:
         The source's :class:`SourceResult`.
@@ -225,6 +231,11 @@ def sample_source(
                     f"{path}: only {len(xy)} of {config.n_per_slide} non-overlapping patches with "
                     f"≥ {config.min_tissue:.0%} tissue fit"
                 )
+            if report_greyscale and tissue.greyscale:  # a worker's log is not shown: say it in the result
+                from pysynth.io.tissue import GREYSCALE_WARNING
+
+                note = GREYSCALE_WARNING % path
+                result.warning = f"{result.warning}; {note}" if result.warning else note
     except SlideError as exc:
         result.error = str(exc)
     except OSError as exc:  # writing the patches failed (disk full, permissions)
@@ -238,7 +249,10 @@ def _sample_worker(args: tuple) -> SourceResult:
     import cv2 as _cv2
 
     _cv2.setNumThreads(1)
-    return sample_source(*args)
+    worker_log = logging.getLogger("pysynth")  # warnings come back in the result, printed by the parent
+    worker_log.addHandler(logging.NullHandler())
+    worker_log.propagate = False
+    return sample_source(*args, report_greyscale=True)
 
 
 @dataclass
@@ -248,6 +262,7 @@ class SampleReport:
     results: list[SourceResult]
     skipped: int
     manifest: Path
+    manifest_rows: int = 0
 
     @property
     def failures(self) -> list[SourceResult]:
@@ -256,29 +271,24 @@ class SampleReport:
 
     @property
     def patches(self) -> int:
-        """Patches in the manifest."""
+        """Patches of this run's sources (the manifest may hold more, from earlier runs)."""
         return sum(len(r.rows) for r in self.results)
 
 
-def _params_record(config: SampleConfig) -> dict:
-    from pysynth import __version__
-
-    return {"pysynth": __version__, "params": asdict(config)}
-
-
-def _forget_run(out_dir: Path, state: Path) -> None:
-    """Delete an earlier run's patches and state (for ``overwrite``); other files in the folder stay."""
+def _forget_legacy_run(out_dir: Path, state: Path) -> None:
+    """Delete the patches and state of a run made before run records existed (for ``overwrite``)."""
     for done in state.glob("*.json"):
         if done.name != "params.json":
             for row in json.loads(done.read_text()).get("rows", []):
                 (out_dir / row["file"]).unlink(missing_ok=True)
         done.unlink()
-    (out_dir / "manifest.csv").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        state.rmdir()
 
 
 def sample(
     sources: Sequence[Path],
-    names: Sequence[str],
+    names: Sequence[str] | None,
     out_dir: str | Path,
     config: SampleConfig,
     *,
@@ -288,99 +298,128 @@ def sample(
 ) -> SampleReport:
     """Sample every source into ``out_dir`` and write ``manifest.csv``; resumes an interrupted run.
 
-    Each finished source is recorded under ``out_dir/.pysynth-sample/``; a later run with the same settings skips
-    it, so an interrupted run continues where it stopped and gives the same files as an uninterrupted one.
+    The folder's run record (:class:`~pysynth.ledger.Ledger`) holds every finished source with its input's
+    content identity and rows, so a later run with the same settings keeps those sources (an interrupted run
+    continues where it stopped and gives the same files as an uninterrupted one), samples the new ones, and
+    writes a manifest of every source the folder holds, earlier runs' included, each row with the run that made
+    it. A source whose file changed is refused (its earlier patches stay) unless ``overwrite``.
 
     Args:
         sources: Files to sample.
-        names: Unique names of the sources (see :func:`pysynth.sources.unique_names`).
+        names: Output names of the sources; ``None``: the folder's stable names (:meth:`Ledger.names`).
         out_dir: Output folder (must exist and be writable).
         config: What to sample.
         workers: Worker processes (1: in this process).
-        overwrite: Discard an earlier run's state in ``out_dir`` even if its settings differ.
+        overwrite: Discard the folder's earlier patches if made with other settings, and redo changed sources.
         progress: Called with the number of patches written as they are written.
 
     Returns:
-        The :class:`SampleReport`.
+        The :class:`SampleReport` (``results`` in the order of ``sources``).
 
     Raises:
-        PysynthError: If ``out_dir`` holds a run with other settings and ``overwrite`` is false.
+        PysynthError: If ``out_dir`` holds patches sampled with other settings, or by a pysynth without run
+            records, and ``overwrite`` is false.
     """
+    from pysynth.ledger import Ledger, file_identity, settings_diff
+
     out_dir = Path(out_dir)
-    state = out_dir / _STATE_DIR
-    params_file = state / "params.json"
-    record = _params_record(config)
-    if params_file.exists() and not overwrite:
-        earlier = json.loads(params_file.read_text())
-        before = earlier.get("params", {})
-        changed = [f"{k} {before.get(k)} -> {v}" for k, v in record["params"].items() if before.get(k) != v]
+    legacy = out_dir / _STATE_DIR
+    settings = json.loads(json.dumps(asdict(config)))
+    with Ledger(out_dir, "sample", settings) as ledger:
+        if legacy.exists() and not ledger.entries:
+            if not overwrite:
+                raise PysynthError(
+                    f"{out_dir}: holds patches of an earlier pysynth without a run record; use another folder or "
+                    "--overwrite"
+                )
+            _forget_legacy_run(out_dir, legacy)
+        changed = sorted({c for e in ledger.entries.values() for c in settings_diff(e["settings"], settings)})
         if changed:
-            raise PysynthError(
-                f"{out_dir}: holds patches sampled with other settings ({', '.join(changed)}); "
-                "use another folder or --overwrite"
-            )
-    if overwrite and state.exists():
-        _forget_run(out_dir, state)
-    state.mkdir(exist_ok=True)
-    atomic_write_text(params_file, json.dumps(record, indent=2))
-
-    results: dict[str, SourceResult] = {}
-    todo = []
-    for path, name in zip(sources, names, strict=True):
-        done = state / f"{name}.json"
-        if done.exists():
-            saved = SourceResult(**json.loads(done.read_text()))
-            if saved.source == str(path) and all((out_dir / row["file"]).exists() for row in saved.rows):
-                results[name] = saved
-                if progress is not None:
-                    progress(config.n_per_slide)
+            if not overwrite:
+                raise PysynthError(
+                    f"{out_dir}: holds patches sampled with other settings ({'; '.join(changed)}); "
+                    "use another folder or --overwrite"
+                )
+            for name in list(ledger.entries):
+                for old in ledger.outputs_of(name):
+                    old.unlink(missing_ok=True)
+                ledger.forget(name)
+        if names is None:
+            names = ledger.names(sources)
+        results: dict[str, SourceResult] = {}
+        identities: dict[str, dict] = {}
+        todo = []
+        for path, name in zip(sources, names, strict=True):
+            try:
+                identities[name] = file_identity(path)
+            except PysynthError as exc:
+                results[name] = SourceResult(name=name, source=str(path), error=str(exc))
                 continue
-        todo.append((path, name))
-    skipped = len(results)
-
-    def finish(res: SourceResult) -> None:
-        results[res.name] = res
-        if res.error is None:
-            atomic_write_text(state / f"{res.name}.json", json.dumps(asdict(res)))
-
-    if workers <= 1 or len(todo) <= 1:
-        for path, name in todo:
-            res = sample_source(path, name, out_dir, config, progress)
-            finish(res)
-            if progress is not None:  # count the patches that did not fit, so the total is reached
-                progress(config.n_per_slide - len(res.rows))
-    else:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
-            futures = {pool.submit(_sample_worker, (p, n, out_dir, config)): n for p, n in todo}
-            for future in as_completed(futures):
-                res = future.result()
-                finish(res)
+            verdict = ledger.verdict(name, identities[name], settings, overwrite=overwrite)
+            if verdict.action == "keep":
+                entry = ledger.entries[name]
+                results[name] = SourceResult(name, str(path), entry["rows"], warning=entry.get("warning"))
                 if progress is not None:
                     progress(config.n_per_slide)
+            elif verdict.action == "refuse":
+                results[name] = SourceResult(name=name, source=str(path), error=f"{path}: {verdict.reason}")
+            else:
+                todo.append((path, name))
+        skipped = sum(1 for r in results.values() if r.error is None)
 
-    ordered = [results[name] for name in names]
-    manifest = out_dir / "manifest.csv"
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for res in ordered:
-        writer.writerows(res.rows)
-    atomic_write_text(manifest, buffer.getvalue())
-    return SampleReport(results=ordered, skipped=skipped, manifest=manifest)
+        def finish(res: SourceResult) -> None:
+            results[res.name] = res
+            if res.error is None:
+                files = [out_dir / row["file"] for row in res.rows]
+                for old in set(ledger.outputs_of(res.name)) - set(files):  # a redo with fewer patches
+                    old.unlink(missing_ok=True)
+                for row in res.rows:
+                    row["run"] = ledger.run_id
+                ledger.record(res.name, identities[res.name], settings, files, rows=res.rows, warning=res.warning)
+
+        if workers <= 1 or len(todo) <= 1:
+            for path, name in todo:
+                res = sample_source(path, name, out_dir, config, progress)
+                finish(res)
+                if progress is not None:  # count the patches that did not fit, so the total is reached
+                    progress(config.n_per_slide - len(res.rows))
+        else:
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
+                futures = {pool.submit(_sample_worker, (p, n, out_dir, config)): n for p, n in todo}
+                for future in as_completed(futures):
+                    res = future.result()
+                    finish(res)
+                    if progress is not None:
+                        progress(config.n_per_slide)
+
+        ordered = [results[name] for name in names]
+        manifest = out_dir / "manifest.csv"
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        rows = 0
+        for name in sorted(ledger.entries):
+            entry_rows = ledger.entries[name]["rows"]
+            writer.writerows({**row, "run": row.get("run", ledger.entries[name]["run"])} for row in entry_rows)
+            rows += len(entry_rows)
+        atomic_write_text(manifest, buffer.getvalue())
+        ledger.run.update(sources=len(ordered), kept=skipped, failed=sum(r.error is not None for r in ordered))
+    return SampleReport(results=ordered, skipped=skipped, manifest=manifest, manifest_rows=rows)
 
 
 def read_manifest(path: str | Path) -> list[dict]:
     """Rows of a ``manifest.csv`` written by :func:`sample`, with numbers parsed."""
     with Path(path).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    ints = {"x", "y", "size", "level"}
+    ints = {"x", "y", "size", "level", "run"}
     floats = {"size_level0", "mpp", "source_mpp", "tissue_fraction"}
     for row in rows:
         for key in ints:
-            row[key] = int(row[key])
+            if key in row:  # manifests written before run records have no run column
+                row[key] = int(row[key])
         for key in floats:
             row[key] = float(row[key])
     return rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,6 +360,9 @@ class Outputs:
     geojson: Path
     overlay: Path
 
+    def __iter__(self) -> Iterator[Path]:
+        return iter((self.labels, self.geojson, self.overlay))
+
 
 def output_paths(out_dir: Path, stem: str, n_instances: int | None = None) -> Outputs:
     """``<stem>_labels.png`` (16-bit), or ``.tif`` (32-bit) above 65,535 instances; GeoJSON; overlay."""
@@ -366,16 +370,23 @@ def output_paths(out_dir: Path, stem: str, n_instances: int | None = None) -> Ou
     return Outputs(out_dir / f"{stem}_labels{suffix}", out_dir / f"{stem}.geojson", out_dir / f"{stem}_overlay.png")
 
 
-def write_outputs(out_dir: Path, stem: str, rgb: np.ndarray, labels: np.ndarray | Instances) -> Outputs:
+def write_outputs(
+    out_dir: Path, stem: str, rgb: np.ndarray, labels: np.ndarray | Instances, *, mpp: float | None = None
+) -> Outputs:
     """Write the three outputs of one image atomically (the labels last: their presence marks a finished image).
 
     Given :class:`~pysynth.instances.Instances`, the GeoJSON features carry their ``Confidence`` and ``Detection
-    peak`` measurements.
+    peak`` measurements; given ``mpp`` (µm/px of the labels' grid) also ``Area µm^2``, ``Perimeter µm`` and the
+    shape features of :func:`pysynth.shape.shape_features` (after those two).
     """
     measurements = None
     if isinstance(labels, Instances):
         measurements = {CONFIDENCE: labels.confidence, DETECTION_PEAK: labels.detection_peak}
         labels = labels.labels
+    if mpp is not None:
+        from pysynth.shape import shape_features
+
+        measurements = {**(measurements or {}), **shape_features(labels, mpp).measurements()}
     n = int(labels.max()) if labels.size else 0
     paths = output_paths(out_dir, stem, n)
     text = json.dumps(geojson(labels, name=stem, measurements=measurements), separators=(",", ":"))

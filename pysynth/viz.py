@@ -8,6 +8,30 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+_CAPTION_FONT, _CAPTION_SCALE = cv2.FONT_HERSHEY_PLAIN, 0.8
+_ELLIPSIS = "..."  # OpenCV's Hershey fonts draw ASCII only
+
+
+def _text_width(text: str) -> int:
+    return cv2.getTextSize(text, _CAPTION_FONT, _CAPTION_SCALE, 1)[0][0]
+
+
+def fit_caption(text: str, width_px: int) -> str:
+    """``text`` as drawn under a contact-sheet cell ``width_px`` wide: whole if it fits, else middle elided.
+
+    Names of patches share their beginning (the slide) and differ at the end (the patch number), so the end is
+    kept: about a third of the kept characters from the start, two thirds from the end
+    (``CMU-1-Small-Region_0003`` -> ``CMU-1-...-Region_0003``).
+    """
+    if _text_width(text) <= width_px:
+        return text
+    for keep in range(len(text) - 1, 0, -1):
+        head = keep // 3
+        short = f"{text[:head]}{_ELLIPSIS}{text[len(text) - (keep - head) :]}"
+        if _text_width(short) <= width_px:
+            return short
+    return text[-1:]
+
 
 def contact_sheet(
     images: Sequence[np.ndarray], captions: Sequence[str] | None = None, *, cell: int = 160, columns: int = 8
@@ -16,7 +40,7 @@ def contact_sheet(
 
     Args:
         images: RGB ``uint8`` images of any size.
-        captions: One short text per image.
+        captions: One short text per image (a long one loses its middle: :func:`fit_caption`).
         cell: Side of each grid cell in pixels.
         columns: Cells per row (fewer if there are fewer images).
 
@@ -36,8 +60,8 @@ def contact_sheet(
         thumb = cv2.resize(image, (cell, cell), interpolation=cv2.INTER_AREA)
         sheet[top : top + cell, left : left + cell] = thumb
         if captions:
-            text = captions[i][: max(4, cell // 7)]
-            cv2.putText(sheet, text, (left, top + cell + 12), cv2.FONT_HERSHEY_PLAIN, 0.8, (0, 0, 0), 1, cv2.LINE_AA)
+            text = fit_caption(captions[i], cell)
+            cv2.putText(sheet, text, (left, top + cell + 12), _CAPTION_FONT, _CAPTION_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
     return sheet
 
 

@@ -186,7 +186,7 @@ def test_infer_settings_hold_tta_and_min_confidence(tmp_path, model_info, tissue
     assert summary["settings"]["config"]["tta"] == 1
     assert summary["settings"]["instances"]["min_confidence"] == 0.0
     for other in (InferConfig(min_confidence=0.0, tta=2), InferConfig(min_confidence=0.8)):
-        with pytest.raises(PysynthError, match="another model or settings"):
+        with pytest.raises(PysynthError, match="with other settings"):
             infer_slide(reader, model, info, tmp_path / "all", config=other, model_id="test")
     # Dropping nuclei below a confidence leaves the others exactly as they were.
     high, summary = _run(reader, model_info, tmp_path / "high", config=InferConfig(min_confidence=0.8))
@@ -289,7 +289,7 @@ def test_an_interrupted_slide_resumes_to_the_same_result(tmp_path, model_info, t
     assert infer_slide(reader, model, info, tmp_path / "cut", config=config, model_id="test").skipped
     from pysynth.errors import PysynthError
 
-    with pytest.raises(PysynthError, match="another model or settings"):
+    with pytest.raises(PysynthError, match="with other settings"):
         infer_slide(reader, model, info, tmp_path / "cut", config=InferConfig(core=512), model_id="test")
 
 
@@ -383,7 +383,7 @@ def test_cli_tta_and_min_confidence_are_passed_and_recorded(tmp_path, run_cli, t
     for other in (("--min-confidence", "0.7"), ("--tta", "2")):  # tta 1, or the model's minimum confidence
         r = run_cli(*args, *other)
         assert r.code == 1
-        assert "another model or settings" in r.err
+        assert "with other settings" in r.err
     assert run_cli(*args, "--overwrite").code == 0
     assert run_cli(*args, "--tta", "5").code == 2
     assert run_cli(*args, "--min-confidence", "1.5").code == 2

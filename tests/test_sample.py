@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -92,16 +93,26 @@ def test_resume_after_interruption(sources: list[Path], tmp_path: Path) -> None:
     _run(sources, out)
     # Simulate a run killed while sampling the second source: its record and one patch are missing,
     # another patch half-written, and the manifest not yet rewritten.
-    state = out / ".pysynth-sample"
-    name = sorted(p.stem for p in state.glob("*.json") if p.stem != "params")[1]
-    (state / f"{name}.json").unlink()
+    ledger_path = out / ".pysynth-ledger.json"
+    ledger = json.loads(ledger_path.read_text())
+    name = sorted(ledger["entries"])[1]
+    del ledger["entries"][name]
+    ledger_path.write_text(json.dumps(ledger))
     victims = sorted(out.glob(f"{name}_*.png"))
     victims[0].unlink()
     victims[1].write_bytes(victims[1].read_bytes()[:100])
     (out / "manifest.csv").unlink()
     report = _run(sources, out)
     assert report.skipped == 2
-    assert _files(out) == _files(tmp_path / "ref")
+    resumed, ref = _files(out), _files(tmp_path / "ref")
+    assert {k: v for k, v in resumed.items() if k != "manifest.csv"} == {
+        k: v for k, v in ref.items() if k != "manifest.csv"
+    }
+    # The same rows; the resampled source's rows say they come from the second run.
+    rows, ref_rows = read_manifest(out / "manifest.csv"), read_manifest(tmp_path / "ref" / "manifest.csv")
+    assert [{**r, "run": 0} for r in rows] == [{**r, "run": 0} for r in ref_rows]
+    assert {r["run"] for r in rows if r["file"].startswith(f"{name}_")} == {2}
+    assert {r["run"] for r in rows if not r["file"].startswith(f"{name}_")} == {1}
 
 
 def test_other_settings_in_the_same_folder_are_refused(sources: list[Path], tmp_path: Path) -> None:

@@ -207,7 +207,7 @@ def test_segment_writes_the_three_outputs_and_resumes(run_cli, tmp_path: Path, i
         assert len(features) == len(np.unique(labels)) - 1
         for feat in features:
             m = feat["properties"]["measurements"]
-            assert set(m) == {"Confidence", "Detection peak"}
+            assert {"Confidence", "Detection peak", "Area µm^2", "Perimeter µm", "Circularity", "Solidity"} <= set(m)
             assert 0 < m["Confidence"] <= 1
             assert 0 < m["Detection peak"] <= 1
             assert feat["properties"]["area_px"] == np.sum(labels == feat["properties"]["label"])
@@ -240,9 +240,10 @@ def test_segment_bad_input(run_cli, tmp_path: Path, images: Path) -> None:
     assert missing.code == 2
     assert "no such file" in missing.err
     _tiny_model(tmp_path / "m")
+    assert run_cli("segment", str(images), "--input-mpp", "0.5", "--out", out).code == 0
     other = run_cli("segment", str(images), "--model", str(tmp_path / "m"), "--input-mpp", "0.5", "--out", out)
     assert other.code == 1
-    assert "another model" in other.err
+    assert "other settings (model " in other.err
     assert (
         run_cli(
             "segment", str(images), "--model", str(tmp_path / "m"), "--input-mpp", "0.5", "--out", out, "--overwrite"
@@ -259,7 +260,7 @@ def test_segment_min_confidence_and_tta_are_settings_of_the_results(run_cli, tmp
         return json.loads((folder / "b.geojson").read_text())["features"]
 
     assert run_cli("segment", image, "--input-mpp", "0.5", "--out", str(out)).code == 0
-    settings = json.loads((out / ".pysynth-segment.json").read_text())
+    settings = json.loads((out / ".pysynth-ledger.json").read_text())["entries"]["b"]["settings"]
     assert settings["tta"] == 1
     assert settings["min_confidence"] == read_model_info(default_model_dir()).instances.min_confidence
     for args in (["--tta", "2"], ["--min-confidence", "0.9"]):
@@ -267,7 +268,7 @@ def test_segment_min_confidence_and_tta_are_settings_of_the_results(run_cli, tmp
         assert refused.code == 1
         assert "other settings" in refused.err
     assert run_cli("segment", image, "--input-mpp", "0.5", "--out", str(out), "--tta", "2", "--overwrite").code == 0
-    assert json.loads((out / ".pysynth-segment.json").read_text())["tta"] == 2
+    assert json.loads((out / ".pysynth-ledger.json").read_text())["entries"]["b"]["settings"]["tta"] == 2
     assert run_cli("segment", image, "--input-mpp", "0.5", "--out", str(out), "--tta", "3").code == 2
     # --min-confidence drops exactly the nuclei below it (the others keep their outlines), renumbered.
     for name, value in (("all", "0"), ("hi", "0.8")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import cv2
@@ -15,6 +16,19 @@ MASK_MAX_SIDE = 4096
 
 #: Summed optical density (RGB, natural log) of glass is about 0.1-0.15; of pale tissue 0.3 and up.
 OD_THRESHOLD_RANGE = (0.2, 0.5)
+
+#: A mask pixel whose every channel is below this (0-255) is near-black: scanner padding, out-of-slide areas, black
+#: ink, never stained tissue. In the (smoothed, ≥ 1 µm/px) mask image the darkest tissue of the bundled slide, the
+#: 30 MoNuSeg tiles and BRCA-M2C has a brightest channel of 38 or more; hematoxylin is dark blue, not black.
+NEAR_BLACK_MAX = 25
+
+#: Median chroma (max - min channel, 0-255) of tissue pixels below which an image is taken as greyscale. Real H&E
+#: tissue has 28 or more (bundled slide, MoNuSeg, BRCA-M2C); R = G = B has 0.
+GREYSCALE_MAX_CHROMA = 8.0
+#: The warning logged for such a source (``%`` with its name).
+GREYSCALE_WARNING = "%s: looks greyscale, not H&E-stained; results will be unreliable"
+
+log = logging.getLogger("pysynth")
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -43,7 +57,9 @@ def tissue_mask_from_rgb(
 
     Summed optical density separates stained tissue from glass whatever the stain's hue: Otsu's threshold on it,
     clamped to :data:`OD_THRESHOLD_RANGE` so that an image that is all tissue (or all glass) is not split in two
-    at an arbitrary level; then a closing, small holes filled and small specks (dust, debris) removed.
+    at an arbitrary level; then a closing, small holes filled and small specks (dust, debris) removed. Near-black
+    pixels (all channels below :data:`NEAR_BLACK_MAX` after smoothing) are never tissue, nor part of Otsu's
+    histogram: black padding or ink has the highest density of all but holds no stained tissue.
 
     Args:
         rgb: RGB ``uint8`` image ``(h, w, 3)``.
@@ -60,10 +76,13 @@ def tissue_mask_from_rgb(
     image = cv2.GaussianBlur(rgb, (0, 0), sigma) if sigma > 0.3 else rgb
     od = -np.log((image.astype(np.float32) + 1.0) / 256.0).sum(axis=2)
     od_u8 = np.clip(od * (255.0 / 3.0), 0, 255).astype(np.uint8)  # OD 0..3 on 0..255 for Otsu
-    otsu, _ = cv2.threshold(od_u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    black = image.max(axis=2) < NEAR_BLACK_MAX
+    if black.all():
+        return np.zeros(rgb.shape[:2], bool)
+    otsu, _ = cv2.threshold(od_u8[~black].reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     lo, hi = OD_THRESHOLD_RANGE
     threshold = float(np.clip(otsu * 3.0 / 255.0, lo, hi))
-    mask = (od > threshold).astype(np.uint8)
+    mask = ((od > threshold) & ~black).astype(np.uint8)
     if close_um / mpp >= 1:
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disk(close_um / mpp))
     px_area = mpp * mpp
@@ -80,11 +99,14 @@ class TissueMask:
         mask: Boolean array ``(h, w)``; pixel ``(i, j)`` covers level-0 ``[j·scale, (j+1)·scale)`` (rows alike).
         scale: Level-0 pixels per mask pixel.
         mpp: Mask resolution in µm/px.
+        greyscale: Whether the tissue has no colour (:func:`looks_greyscale`): not H&E, results unreliable (for
+            callers that report per source, e.g. from worker processes whose log is not shown).
     """
 
     mask: np.ndarray
     scale: float
     mpp: float
+    greyscale: bool = False
 
     def __post_init__(self) -> None:
         if self.mask.ndim != 2 or self.mask.dtype != np.bool_:
@@ -146,6 +168,10 @@ class TissueMask:
         return np.clip(covered / ((w / s) * (h / s)), 0.0, 1.0)
 
 
+#: Sources already warned about as greyscale in this process.
+_WARNED_GREYSCALE: set[str] = set()
+
+
 def mask_mpp_for(reader: SlideReader) -> float:
     """The mask resolution for a slide: about :data:`MASK_MAX_SIDE` px on the long side, within the range."""
     h0, w0 = reader.level_shapes_hw[0]
@@ -153,8 +179,35 @@ def mask_mpp_for(reader: SlideReader) -> float:
     return float(np.clip(max(h0, w0) * reader.mpp / MASK_MAX_SIDE, max(lo, reader.mpp), hi))
 
 
+def looks_greyscale(rgb: np.ndarray, mask: np.ndarray | None = None) -> bool:
+    """Whether an RGB image's tissue has (almost) no colour, unlike H&E: median chroma below the threshold.
+
+    Args:
+        rgb: RGB ``uint8`` image ``(h, w, 3)``, e.g. a tissue-mask thumbnail.
+        mask: Its tissue pixels (default: all). With no tissue there is nothing to judge: False.
+
+    Returns:
+        True when the median of ``max - min`` channel over the pixels is below :data:`GREYSCALE_MAX_CHROMA`.
+    """
+    pixels = rgb.reshape(-1, rgb.shape[-1]) if mask is None else rgb[mask]
+    if len(pixels) == 0:
+        return False
+    chroma = pixels.max(axis=-1).astype(np.int16) - pixels.min(axis=-1)
+    return bool(np.median(chroma) < GREYSCALE_MAX_CHROMA)
+
+
+def warn_if_greyscale(name: str, rgb: np.ndarray, mask: np.ndarray | None = None) -> bool:
+    """Log a warning (logger ``pysynth``) when :func:`looks_greyscale`; returns whether it did."""
+    if not looks_greyscale(rgb, mask):
+        return False
+    log.warning(GREYSCALE_WARNING, name)
+    return True
+
+
 def compute_tissue_mask(reader: SlideReader, mpp: float | None = None) -> TissueMask:
     """Tissue mask of a whole slide, from a thumbnail read in bounded memory.
+
+    A slide whose tissue has no colour (:func:`looks_greyscale`) is logged as a warning, once per process.
 
     Args:
         reader: The slide.
@@ -166,7 +219,11 @@ def compute_tissue_mask(reader: SlideReader, mpp: float | None = None) -> Tissue
     mpp = mask_mpp_for(reader) if mpp is None else float(mpp)
     thumbnail = read_thumbnail(reader, mpp)
     mask = tissue_mask_from_rgb(thumbnail, mpp)
+    greyscale = looks_greyscale(thumbnail, mask)
+    if greyscale and reader.name not in _WARNED_GREYSCALE:  # sample --preview, for one, masks each source twice
+        _WARNED_GREYSCALE.add(reader.name)
+        log.warning(GREYSCALE_WARNING, reader.name)
     h0, w0 = reader.level_shapes_hw[0]
     # The thumbnail's size is rounded; use the exact level-0 pixels per mask pixel along the longer side.
     scale = max(h0 / mask.shape[0], w0 / mask.shape[1])
-    return TissueMask(mask, scale, mpp)
+    return TissueMask(mask, scale, mpp, greyscale)

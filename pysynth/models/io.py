@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,24 @@ def read_model_info(folder: str | Path) -> ModelInfo:
     return ModelInfo(unet, mpp, instances, extra)
 
 
+def _read_weights(path: Path) -> Any:
+    """``torch.load`` of a weights file with ``weights_only=True`` (never arbitrary pickled objects).
+
+    Raises:
+        ModelError: If the file cannot be read, or is not a tensor archive (corrupt, truncated, or not made
+            by pysynth). The message never suggests ``weights_only=False``: a file that fails here is not one
+            to trust with arbitrary code execution.
+    """
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: noise here
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except Exception:  # torch raises anything (IndexError, KeyError, UnpicklingError, ...) on bad bytes
+        raise ModelError(f"{path}: not a readable pysynth model (corrupt or truncated file)") from None
+
+
 def load_model(folder: str | Path | None = None) -> tuple[UNet, ModelInfo]:
     """The network (eval mode, CPU, fp32) and its description; the shipped model when ``folder`` is None.
 
@@ -140,10 +159,10 @@ def load_model(folder: str | Path | None = None) -> tuple[UNet, ModelInfo]:
     folder = default_model_dir() if folder is None else Path(folder)
     info = read_model_info(folder)
     model = UNet(info.unet)
+    state = _read_weights(folder / WEIGHTS)
     try:
-        state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{folder / WEIGHTS}: weights do not fit the configuration in {META} ({first})") from None
     return model.eval(), info

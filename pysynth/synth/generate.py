@@ -9,6 +9,7 @@ in disk space (half of every item would otherwise be a second image).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -54,6 +55,7 @@ def collect_real_tiles(
         read_thumbnail,
         tissue_mask_from_rgb,
     )
+    from pysynth.io.tissue import warn_if_greyscale
     from pysynth.sample import place_patches, source_rng
     from pysynth.sources import collect_sources
 
@@ -79,7 +81,10 @@ def collect_real_tiles(
                 h0, w0 = reader.level_shapes_hw[0]
                 f = config.mpp / reader.mpp
                 if max(h0, w0) / f <= 2 * SLIDE_TILE:
-                    tiles.append((path.name, read_thumbnail(reader, config.mpp)))
+                    rgb = read_thumbnail(reader, config.mpp)
+                    small = rgb[::4, ::4]  # a large slide's warning comes from compute_tissue_mask
+                    warn_if_greyscale(reader.name, small, tissue_mask_from_rgb(small, 4 * config.mpp))
+                    tiles.append((path.name, rgb))
                     continue
                 tissue = compute_tissue_mask(reader)
                 extent = SLIDE_TILE * f
@@ -135,9 +140,36 @@ def save_sources(
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Prepare every tile for synthesis and save it under ``out_dir/sources`` (atomic; kept on resume)."""
+    """Prepare every tile for synthesis and save it under ``out_dir/sources`` (atomic; kept on resume).
+
+    ``sources/digests.json`` records the tiles' pixel digests and the configuration they were prepared with;
+    prepared tiles of other pixels or another configuration (an earlier run with other sources) are redone, never
+    reused under a new tile's name.
+    """
     folder = out_dir / SOURCES_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "config": config.to_dict(),
+        "guide": guide_digest(config),
+        "tiles": [tile_digest(rgb) for _, rgb in tiles],
+    }
+    record_path = folder / "digests.json"
+    try:
+        earlier = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if earlier != json.loads(json.dumps(record)):
+        keep = 0
+        same_setup = earlier and (earlier.get("config"), earlier.get("guide")) == (record["config"], record["guide"])
+        if same_setup:  # the same leading tiles stay (a resume)
+            for old, new in zip(earlier.get("tiles", []), record["tiles"], strict=False):
+                if old != new:
+                    break
+                keep += 1
+        for stale in folder.glob("*.npz"):
+            if not stale.stem.isdigit() or int(stale.stem) >= keep:
+                stale.unlink()
+        atomic_write_text(record_path, json.dumps(record))
     todo = [
         (name, rgb, config.to_dict(), str(folder / f"{k:05d}.npz"), None)
         for k, (name, rgb) in enumerate(tiles)
@@ -306,10 +338,17 @@ def synthesize_dataset(
     tiles, failures = collect_real_tiles(inputs, config, input_mpp=input_mpp, seed=seed)
     if not tiles:
         raise PysynthError("no usable real tissue in the sources: " + ("; ".join(failures) or "none given"))
+    attrs = {
+        "config": config.to_dict(),
+        "seed": seed,
+        "sources": [name for name, _ in tiles],
+        "source_digests": [tile_digest(rgb) for _, rgb in tiles],
+        **({"guide_digest": guide_digest(config)} if config.guide else {}),
+    }
+    _check_earlier_dataset(out_dir, attrs, overwrite)
     log.info("preparing %d real tile(s) for synthesis", len(tiles))
     save_sources(tiles, config, out_dir, workers=workers)
     maker = SynthMaker(str(out_dir), config.to_dict(), seed)
-    attrs = {"config": config.to_dict(), "seed": seed, "sources": [name for name, _ in tiles]}
     report = write_dataset(
         out_dir,
         n,
@@ -322,6 +361,58 @@ def synthesize_dataset(
         overwrite=overwrite,
     )
     return report, failures
+
+
+def tile_digest(rgb: np.ndarray) -> str:
+    """A BLAKE2 digest of a real tile's pixels (with its shape): what a dataset was made from."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(str(rgb.shape).encode())
+    digest.update(np.ascontiguousarray(rgb).tobytes())
+    return digest.hexdigest()
+
+
+def guide_digest(config: SynthConfig) -> str | None:
+    """The model digest of the synthesis guide (``None`` without one).
+
+    A guide is named (``default``), and what a name points to changes when the shipped model does, so prepared
+    tiles and datasets record the weights that made them.
+    """
+    if not config.guide:
+        return None
+    from pysynth.models.io import model_digest
+    from pysynth.synth.guide import resolve_guide
+
+    return model_digest(resolve_guide(config.guide))
+
+
+def _check_earlier_dataset(out_dir: Path, attrs: dict, overwrite: bool) -> None:
+    """Refuse, before anything is written, a folder whose dataset was made from other tiles or settings.
+
+    Raises :class:`~pysynth.synth.store.DatasetMismatchError` (settings named as recorded: ``seed``,
+    ``config.<field>``, ``sources``, ...; the command line words them as its options).
+
+    The prepared tiles of ``sources/`` are kept on resume only when they are the same tiles (:func:`save_sources`).
+    """
+    from pysynth.ledger import settings_diff
+    from pysynth.synth.store import INDEX_NAME, DatasetMismatchError
+
+    index = out_dir / INDEX_NAME
+    if overwrite or not index.exists():
+        return  # save_sources redoes prepared tiles that are not these tiles
+    try:
+        earlier = json.loads(index.read_text()).get("attrs") or {}
+    except (OSError, ValueError):
+        return  # the store reports an unreadable index
+    now = json.loads(json.dumps(attrs, sort_keys=True))
+    if earlier.get("source_digests") != now["source_digests"]:
+        tiles = f"{len(earlier.get('sources', []))} tile(s) -> {len(now['sources'])}"
+        detail = f"{tiles}, or the same names with other pixels"
+        raise DatasetMismatchError(out_dir, [("real tissue", detail)])
+    changed = settings_diff({k: v for k, v in earlier.items() if k != "source_digests"}, now)
+    changed = [c for c in changed if not c.startswith("source_digests")]
+    if changed:  # "key old -> new"; keys are identifiers joined by "."
+        named = [(key, detail) for key, _, detail in (c.partition(" ") for c in changed)]
+        raise DatasetMismatchError(out_dir, named, what="other settings:")
 
 
 def write_preview(dataset_dir: str | Path, count: int = 24) -> Path:

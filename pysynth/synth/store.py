@@ -74,6 +74,23 @@ _COMPARED = ("n", "shard_size", "schema", "attrs")
 MakeItem = Callable[[int], tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]
 
 
+class DatasetMismatchError(PysynthError):
+    """A folder holds a dataset made with other parameters, and overwriting it was not asked for.
+
+    Args:
+        path: The dataset folder.
+        changes: ``(parameter, "old -> new")`` per parameter that differs (the second part may be empty, for
+            parameters too large to show).
+        what: How the message says what differs.
+    """
+
+    def __init__(self, path: str | Path, changes: Iterable[tuple[str, str]], what: str = "other") -> None:
+        self.path = Path(path)
+        self.changes = list(changes)
+        listed = ", ".join(f"{name} ({detail})" if detail else name for name, detail in self.changes)
+        super().__init__(f"{self.path}: holds a dataset with {what} {listed}; use another folder, or overwrite it")
+
+
 def item_rng(seed: int, index: int) -> np.random.Generator:
     """The random stream of item ``index``: a function of the seed and the index only."""
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
@@ -279,8 +296,9 @@ def write_dataset(
         A :class:`WriteReport`.
 
     Raises:
-        PysynthError: If ``out_dir`` holds a dataset with other parameters (and not ``overwrite``), or a shard
-            cannot be written (disk full, ...); a shard is never left half-written under its final name.
+        DatasetMismatchError: If ``out_dir`` holds a dataset with other parameters (and not ``overwrite``).
+        PysynthError: If a shard cannot be written (disk full, ...); a shard is never left half-written under its
+            final name.
         ValueError: If an argument or an item does not fit the schema.
         TypeError: If ``workers > 1`` and ``make_item`` cannot be pickled.
     """
@@ -294,8 +312,9 @@ def write_dataset(
         earlier = _read_index(out)
         changed = [k for k in _COMPARED if earlier.get(k) != params[k]]
         if changed:
-            raise PysynthError(
-                f"{out}: holds a dataset with other {', '.join(changed)}; use another folder or overwrite=True"
+            shown = ("n", "shard_size")  # schema and attrs are too large to print
+            raise DatasetMismatchError(
+                out, [(k, f"{earlier.get(k)} -> {params[k]}" if k in shown else "") for k in changed]
             )
     shard_dir = out / SHARD_DIR
     shard_dir.mkdir(exist_ok=True)

@@ -324,7 +324,13 @@ def adapt(
         shutil.rmtree(out_dir / ROUNDS)
     # on --overwrite the earlier adaptation's results go too: none may stand beside the new settings
     stale = ("rounds.json", "model.pt", "model.json")
-    claim_run(out_dir, {"adapt.yaml": yaml.safe_dump(settings, sort_keys=False)}, overwrite, stale)
+    claim_run(
+        out_dir,
+        {"adapt.yaml": yaml.safe_dump(settings, sort_keys=False)},
+        overwrite,
+        stale,
+        progress_files=(ROUNDS, "rounds.json", "model.pt"),
+    )
     tiles, failures = collect_real_tiles(real, base.synth, input_mpp=input_mpp, seed=base.seed)
     for message in failures:
         log.warning("%s", message)

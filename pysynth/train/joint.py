@@ -50,6 +50,7 @@ from pysynth.train.loop import (
     _atomic_torch_save,
     _batch_tensors,
     _lr_at,
+    _sources_file,
     choose_thresholds,
     claim_run,
     init_segmenter,
@@ -453,7 +454,7 @@ def train_joint(
     out_dir.mkdir(parents=True, exist_ok=True)
     claim_run(
         out_dir,
-        {"config.yaml": dump_config(config), JOINT_CONFIG: dump_joint_config(joint)},
+        {"config.yaml": dump_config(config), JOINT_CONFIG: dump_joint_config(joint), **_sources_file(real, synthetic)},
         overwrite,
         stale=(REFINER, DISCRIMINATOR, GRID, HISTOGRAM),
     )

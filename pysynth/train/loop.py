@@ -34,6 +34,8 @@ from pysynth.train.targets import IGNORE_LABEL, border_weights, core_targets, ma
 log = logging.getLogger("pysynth")
 
 CHECKPOINT = "checkpoint.pt"
+#: The content identity of what a run trains on (see :func:`sources_record`).
+SOURCES_FILE = "sources.yaml"
 CHECKPOINT_FORMAT = "pysynth-segmenter-checkpoint"
 CHECKPOINT_VERSION = 1
 LOSS_COLUMNS = ("step", "loss", "bce_detection", "bce_segmentation", "lr", "wall_s")
@@ -156,35 +158,85 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def claim_run(out_dir: Path, files: dict[str, str], overwrite: bool, stale: Sequence[str] = ()) -> None:
+def claim_run(
+    out_dir: Path,
+    files: dict[str, str],
+    overwrite: bool,
+    stale: Sequence[str] = (),
+    progress_files: Sequence[str] = (CHECKPOINT, "model.pt"),
+) -> None:
     """Refuse a folder that holds a run with other settings (unless ``overwrite``); write the resolved configs.
+
+    A folder holds a run once it has made progress (a checkpoint or a model, ``progress_files``): until then a
+    failed start (sources without tissue, a typo in the config) leaves nothing to protect, and the corrected
+    command starts afresh with its own settings.
 
     Args:
         out_dir: The run folder.
-        files: ``{file name: resolved YAML}`` that define the run.
+        files: ``{file name: resolved YAML}`` that define the run (configuration, sources).
         overwrite: Start afresh: delete ``stale`` files (the checkpoint and losses always) instead of refusing.
         stale: Further outputs of an earlier run to delete on ``overwrite``.
+        progress_files: Files whose presence means the run has made progress.
 
     Raises:
-        PysynthError: If a file differs and ``overwrite`` is off; the message lists the changed keys.
+        PysynthError: If a file differs, the run has made progress and ``overwrite`` is off; the message lists
+            the changed keys.
     """
     import yaml
 
-    if not overwrite:
+    started = any((out_dir / name).exists() for name in progress_files)
+    if not overwrite and started:
         for name, resolved in files.items():
             path = out_dir / name
+            if not path.exists() and name != "config.yaml" and (out_dir / "config.yaml").exists():
+                log.warning("%s: the run has no record of its %s (an earlier pysynth); recording these", out_dir, name)
             if path.exists() and path.read_text() != resolved:
                 old, new = _flatten(yaml.safe_load(path.read_text()) or {}), _flatten(yaml.safe_load(resolved))
                 changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                if not changed:  # only comments differ (a source's path)
+                    continue
                 raise PysynthError(
-                    f"{out_dir}: holds a training run with other settings ({', '.join(changed) or name}); "
+                    f"{out_dir}: holds a training run with other {'sources' if name == SOURCES_FILE else 'settings'} "
+                    f"({', '.join(changed)}); "
                     "use another --out or --overwrite"
                 )
-    else:
+    elif overwrite:
         for name in (CHECKPOINT, "losses.csv", *stale):
             (out_dir / name).unlink(missing_ok=True)
     for name, resolved in files.items():
         atomic_write_text(out_dir / name, resolved)
+
+
+def _sources_file(real: Sequence[Path], synthetic: Path | None) -> dict[str, str]:
+    return {SOURCES_FILE: sources_record(real, synthetic)} if real or synthetic is not None else {}
+
+
+def sources_record(real: Sequence[Path] = (), synthetic: Path | None = None) -> str:
+    """What a run trains on, as YAML for :func:`claim_run`: the content identity of every source file.
+
+    A ``pysynth sample`` folder counts by its ``manifest.csv``, a synthetic dataset by its ``index.json``, other
+    sources by each slide or image they name. Paths are kept for the reader; a resume compares contents (size and
+    hash, in order), so moved sources still resume and changed ones are refused.
+    """
+    import yaml
+
+    from pysynth.ledger import file_identity
+    from pysynth.sources import collect_sources
+    from pysynth.synth.store import INDEX_NAME
+
+    items = []
+    files: list[Path] = []
+    for r in real:
+        manifest = Path(r) / "manifest.csv"
+        files.extend([manifest] if manifest.is_file() else collect_sources([r]))
+    if synthetic is not None and (Path(synthetic) / INDEX_NAME).is_file():  # else the dataset check says why
+        files.append(Path(synthetic) / INDEX_NAME)
+    for f in files:
+        ident = file_identity(f)
+        items.append({"content": f"{ident['size']}:{ident['hash']}", "path": ident["path"]})
+    # The paths are comments: for the reader, not compared (a moved source folder still resumes).
+    comments = "".join(f"# {k}: {i['path']}\n" for k, i in enumerate(items))
+    return comments + yaml.safe_dump({"contents": [i["content"] for i in items]}, sort_keys=False)
 
 
 def load_checkpoint(path: Path, fmt: str, version: int) -> dict[str, Any]:
@@ -397,7 +449,7 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT
-    claim_run(out_dir, {"config.yaml": dump_config(config)}, overwrite)
+    claim_run(out_dir, {"config.yaml": dump_config(config), **_sources_file(real, synthetic)}, overwrite)
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -486,6 +538,7 @@ def train(
                 log.info("interrupted: checkpoint saved at step %d", step)
                 raise KeyboardInterrupt
     model.eval()
+    log.info("choosing post-processing thresholds on %d held-out synthetic patches", config.val_patches)
     # Held-out synthetic patches: their own index range, never trained on.
     val_items = [maker(VAL_OFFSET + k) for k in range(config.val_patches)]
     maps = np.concatenate(
@@ -504,5 +557,9 @@ def train(
         "train": json.loads(json.dumps(config.to_dict())),
         "validation": table[0],
     }
+    if config.synth.guide:  # the guide by its weights: its name may point to another model later
+        from pysynth.synth.generate import guide_digest
+
+        summary["guide_digest"] = guide_digest(config.synth)
     save_model(out_dir, model, config.synth.mpp, best, summary)
     return summary

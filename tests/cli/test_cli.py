@@ -189,8 +189,9 @@ def test_full_disk_leaves_nothing_half_written(sample_slide: Path, tmp_path: Pat
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.suffix == ".part"]
     assert leftovers == []
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
-        "slide_0000.png"
-    ]  # the state file, then one patch, then the failure
+        "slide_0000.png",
+        "slide_0001.png",
+    ]  # two patches, then the failure (the run record is written when a source is finished)
 
 
 def test_real_full_disk(run_cli, sample_slide: Path, small_disk) -> None:
