@@ -34,10 +34,11 @@ from pysynth.cli._options import (
 @click.option("--core", type=click.IntRange(min=64), default=2048, show_default=True, help="Region side (model px).")
 @click.option(
     "--margin",
-    type=click.IntRange(min=64),
+    type=click.IntRange(min=128),
     default=128,
     show_default=True,
-    help="Context around each region (model px); at least 64, more than the largest nucleus.",
+    help="Context around each region (model px); at least 128, or nuclei on region seams are cut, moved or "
+    "found twice.",
 )
 @click.option(
     "--tile",
@@ -113,8 +114,15 @@ def infer_command(
     setup_logging()
     paths = collect_sources(slides)
     folder = resolve_model_dir(model_dir)
-    read_model_info(folder)  # a folder that is not a model fails here, before anything is written
+    info = read_model_info(folder)  # a folder that is not a model fails here, before anything is written
     inference_model(str(folder))  # and so do unreadable weights (kept loaded for the slides of this process)
+    step = 2**info.unet.depth  # windows on the network's pooling grid, or maps differ across region seams
+    for name, value in (("--core", core), ("--margin", margin)):
+        if value % step:
+            raise click.UsageError(
+                f"{name} {value} is not a multiple of {step} (the model's pooling grid): nuclei on region seams "
+                f"would differ from one pass; try {value // step * step or step}"
+            )
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev.type)
     try:

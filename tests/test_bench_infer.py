@@ -88,7 +88,7 @@ def test_infer_section_rows_on_a_tiny_plan(monkeypatch: pytest.MonkeyPatch) -> N
     from pysynth.infer import InferConfig
 
     tiny = infer.Plan(side=1536, tissue_mpx=0.2, block=256, rss_sides=(1024, 2048), rss_more=(2, 2),
-                      config=InferConfig(core=512, margin=64))  # fmt: skip
+                      config=InferConfig(core=512, margin=128))  # fmt: skip
     monkeypatch.setattr(infer, "QUICK", tiny)
     result = suite.run_section("infer", quick=True)
     assert result.available

@@ -315,3 +315,17 @@ def test_prepared_tiles_record_their_guide_by_its_weights(tmp_path: Path, tissue
     kept = (tmp_path / SOURCES_DIR / "00000.npz").read_bytes()
     save_sources(tiles, SynthConfig(size=80, guide="default", guide_tta=1), tmp_path)  # another guide: redone
     assert (tmp_path / SOURCES_DIR / "00000.npz").read_bytes() != kept
+
+
+def test_infer_refuses_region_settings_that_break_its_seams(run_cli, tmp_path: Path, tissue_rgb: np.ndarray) -> None:
+    image = _png(tmp_path / "in" / "X.png", tissue_rgb[:256, :256])
+    for args, message in (
+        (("--core", "64", "--margin", "0"), "--margin"),
+        (("--core", "104"), "--core 104 is not a multiple of 16"),
+        (("--margin", "136"), "--margin 136 is not a multiple of 16"),
+    ):
+        r = run_cli("infer", image, "--input-mpp", "0.5", "--out", tmp_path / "out", *args)
+        assert r.code == 2, args
+        assert message in r.err
+        assert len(r.error_lines()) == 1
+    assert not (tmp_path / "out").exists()
