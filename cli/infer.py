@@ -45,8 +45,9 @@ from pysynth.cli._options import (
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="0: the network sees each region in one pass (exact). 512: tiles inside regions: less memory, a faster "
-    "network on small CPUs (1.45x on this project's 2-core machine), slight outline changes at their seams.",
+    help="0: the network sees each region in one pass. N: cut each region's window into near-equal cores of about "
+    "N px (a multiple of 16), each run with 128 px of context: the same maps bit for bit, a smaller cache "
+    "footprint and less memory.",
 )
 @tta_option
 @min_confidence_option

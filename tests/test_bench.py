@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,38 @@ def test_dev_scores_on_a_tiny_copy_of_both_dev_sets(tmp_path, shared_data):
     assert 0 < row["brca_f1"] <= 1
     assert 0 < row["pixel_precision"] <= 1
     assert "| default | 1 |" in markdown([row])
+
+
+def test_gpu_check_says_no_cuda_and_exits_0(tmp_path: Path) -> None:
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run for minutes")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "no CUDA device" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["cuda"] is False
+    assert report["environment"]["torch"] == torch.__version__
+
+
+def test_gpu_check_steps_run_on_the_cpu_path(tmp_path: Path, monkeypatch) -> None:
+    # The steps' own code (training, the generated slide, infer with its stage split) on the CPU, small: what the
+    # GPU run does apart from the device, so a first run on a GPU machine fails only for CUDA reasons.
+    from pysynth.bench import gpu_check
+
+    tiny = {"model": {"width": 4, "depth": 2, "max_width": 8}, "synth": {"size": 80}, "crop": 64, "warmup": 1}
+    for gan in (False, True):
+        row = gpu_check._train(2, gan, tmp_path, device="cpu", batch=2, val_patches=4, **tiny)
+        assert row["steps"] == 2
+        assert row["s_per_step"] > 0
+    path, slide = gpu_check._slide(tmp_path, 2.0, "cpu")
+    assert slide["tissue_mpx"] >= 1.5
+    row = gpu_check._infer(path, tmp_path / "out", "cpu", "fp32")
+    assert row["nuclei"] > 100
+    assert set(row["stages_s"]) >= {"read", "network", "post", "write"}
+    assert row["mpx_per_s"] > 0

@@ -463,3 +463,29 @@ def test_glass_regions_of_a_large_slide_are_not_planned():
     ].any()]  # fmt: skip
     assert regions
     assert glass == []
+
+
+def test_tiles_inside_a_region_give_the_maps_and_nuclei_of_one_pass(tmp_path, model_info, tissue_40x):
+    from pysynth.segment import core_splits, predict_maps
+
+    # Cores cut a side into near-equal parts on the pooling grid, covering it once.
+    for n, core in ((2304, 1152), (2304, 800), (560, 256), (97, 256), (1000, 333)):
+        parts = core_splits(n, core, 16)
+        assert parts[0][0] == 0
+        assert parts[-1][1] == n
+        assert all(a % 16 == 0 and b > a for a, b in parts)
+        assert all(b == c for (_, b), (c, _) in zip(parts, parts[1:], strict=False))
+        assert len(parts) == max(1, -(-n // core))
+    model, info = model_info
+    one = predict_maps(model, tissue_40x, tile=4096, context=128)
+    tiled = predict_maps(model, tissue_40x, tile=256, context=128)  # 3 × 3 cores of the 560 × 720 image
+    for a, b in zip(one, tiled, strict=True):
+        assert np.abs(a - b).max() < 1e-5
+    short = predict_maps(model, tissue_40x, tile=256, context=32)  # too little context: the maps move
+    assert np.abs(short[1] - one[1]).max() > 0.05
+    reader = ArrayReader(tissue_40x, 0.25)
+    whole, _ = _run(reader, model_info, tmp_path / "whole", config=InferConfig(min_confidence=0.0))
+    tiles, summary = _run(reader, model_info, tmp_path / "tiles", config=InferConfig(tile=256, min_confidence=0.0))
+    assert summary["settings"]["config"]["tile"] == 256
+    assert len(whole) > 100
+    assert [f["geometry"] for f in tiles] == [f["geometry"] for f in whole]
