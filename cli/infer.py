@@ -49,6 +49,15 @@ from pysynth.cli._options import (
     "N px (a multiple of 16), each run with 128 px of context: the same maps bit for bit, a smaller cache "
     "footprint and less memory.",
 )
+@click.option(
+    "--compile/--no-compile",
+    "compile_network",
+    default=False,
+    show_default=True,
+    help="Run the network through torch.compile: about 10 s per window shape once, then a 1.2x faster network on "
+    "this project's 2-core CPU; end to end it pays only on slides of about a gigapixel and more. Eager where it "
+    "cannot compile.",
+)
 @tta_option
 @min_confidence_option
 @device_option
@@ -79,6 +88,7 @@ def infer_command(
     core: int,
     margin: int,
     tile: int,
+    compile_network: bool,
     tta: int,
     min_confidence: float | None,
     device: str,
@@ -129,7 +139,7 @@ def infer_command(
     try:
         config = InferConfig(
             core=core, margin=margin, tile=tile, normalise=normalise, tta=tta, min_confidence=min_confidence,
-            precision=precision,
+            precision=precision, compile=compile_network,
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from pysynth.infer import (
     GEOJSON,
@@ -474,9 +476,9 @@ def test_tiles_inside_a_region_give_the_maps_and_nuclei_of_one_pass(tmp_path, mo
         assert parts[0][0] == 0
         assert parts[-1][1] == n
         assert all(a % 16 == 0 and b > a for a, b in parts)
-        assert all(b == c for (_, b), (c, _) in zip(parts, parts[1:], strict=False))
+        assert all(b == c for (_, b), (c, _) in itertools.pairwise(parts))
         assert len(parts) == max(1, -(-n // core))
-    model, info = model_info
+    model, _ = model_info
     one = predict_maps(model, tissue_40x, tile=4096, context=128)
     tiled = predict_maps(model, tissue_40x, tile=256, context=128)  # 3 × 3 cores of the 560 × 720 image
     for a, b in zip(one, tiled, strict=True):
@@ -489,3 +491,40 @@ def test_tiles_inside_a_region_give_the_maps_and_nuclei_of_one_pass(tmp_path, mo
     assert summary["settings"]["config"]["tile"] == 256
     assert len(whole) > 100
     assert [f["geometry"] for f in tiles] == [f["geometry"] for f in whole]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports of deprecated torch APIs
+def test_compiled_network_gives_the_nuclei_of_eager_and_falls_back_when_it_cannot(
+    tmp_path, model_info, tissue_40x, monkeypatch, caplog
+):
+    import pysynth.infer as infer_module
+
+    reader = ArrayReader(np.ascontiguousarray(tissue_40x[:320, :384]), 0.25)
+    eager, _ = _run(reader, model_info, tmp_path / "eager", config=InferConfig(min_confidence=0.0))
+    fast, summary = _run(
+        reader, model_info, tmp_path / "compiled", config=InferConfig(compile=True, min_confidence=0.0)
+    )
+    assert summary["settings"]["config"]["compile"] is True
+    assert len(eager) > 20
+    a, b = rasterise(eager, (320, 384)), rasterise(fast, (320, 384))
+    best, na, nb = _match(a, b)
+    assert na == nb
+    assert np.all(best >= 0.98)
+
+    class Broken(torch.nn.Module):  # what a machine without a working compiler gives
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+            self.config = model.config
+
+        def forward(self, x):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(infer_module, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: Broken(model))
+    with caplog.at_level("WARNING", logger="pysynth"):
+        fallback, _ = _run(
+            reader, model_info, tmp_path / "fallback", config=InferConfig(compile=True, min_confidence=0.0)
+        )
+    assert [f["geometry"] for f in fallback] == [f["geometry"] for f in eager]
+    assert any("torch.compile failed (no C++ compiler found)" in r.getMessage() for r in caplog.records)
