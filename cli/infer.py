@@ -225,10 +225,14 @@ def infer_command(
                     pool.submit(run_slide, str(path), str(out), stem=stem, overwrite=redo, threads=threads, **kwargs)
                     for path, stem, redo in todo
                 ]
-                for (_, stem, _), future in tqdm(
+                for (path, stem, _), future in tqdm(
                     list(zip(todo, futures, strict=True)), desc="slides", unit="slide", dynamic_ncols=True
                 ):
-                    finish(stem, future.result())
+                    try:
+                        record = future.result()
+                    except Exception as exc:  # the worker process died (killed, out of memory)
+                        record = {"slide": str(path), "status": "failed", "error": f"{path}: worker failed ({exc})"}
+                    finish(stem, record)
 
         wall = time.perf_counter() - started
         this_run = [records[stem] for stem in stems if stem in records]

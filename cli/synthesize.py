@@ -23,9 +23,8 @@ from pysynth.cli._options import input_mpp_option, out_option, seed_option, setu
 @click.option(
     "--size",
     type=click.IntRange(min=32, max=2048),
-    default=200,
-    show_default=True,
-    help="Patch side in px (at 0.25 µm/px).",
+    default=None,
+    help="Patch side in px (at 0.25 µm/px) [default: the --config's size, else 200].",
 )
 @out_option
 @seed_option
@@ -58,7 +57,7 @@ from pysynth.cli._options import input_mpp_option, out_option, seed_option, setu
 def synthesize_command(
     sources: tuple[str, ...],
     n: int,
-    size: int,
+    size: int | None,
     out_dir: str,
     seed: int,
     workers: int,
@@ -92,7 +91,7 @@ def synthesize_command(
         except (OSError, ValueError) as exc:
             raise PysynthError(f"{config_file}: not a readable JSON file ({exc})") from None
     try:
-        config = SynthConfig.from_dict({**values, "size": size})
+        config = SynthConfig.from_dict({**values, **({"size": size} if size is not None else {})})
     except (ValueError, TypeError) as exc:
         raise click.BadParameter(str(exc), param_hint="--config") from None
     out = prepare_output_dir(out_dir)
@@ -113,7 +112,9 @@ def synthesize_command(
             progress=bar.update,
         )
     kept = f", {report.skipped} shard(s) kept from an earlier run" if report.skipped else ""
-    click.echo(f"{report.items} synthetic patches of {size} px -> {out} ({report.written} shard(s) written{kept})")
+    click.echo(
+        f"{report.items} synthetic patches of {config.size} px -> {out} ({report.written} shard(s) written{kept})"
+    )
     if preview:
         click.echo(f"preview: {write_preview(out)}")
     if export_png:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pysynth.cli._options import input_mpp_option, out_option, seed_option, setup_logging
+from pysynth.cli._options import input_mpp_option, out_option, setup_logging
 
 
 @click.command("train")
@@ -27,7 +27,7 @@ from pysynth.cli._options import input_mpp_option, out_option, seed_option, setu
 @out_option
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [config: 3000].")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Patches per step [config: 16].")
-@seed_option
+@click.option("--seed", type=int, default=None, help="Random seed [config: 0].")
 @click.option(
     "--config",
     "config_file",
@@ -67,7 +67,7 @@ def train_command(
     out_dir: str,
     steps: int | None,
     batch: int | None,
-    seed: int,
+    seed: int | None,
     config_file: str | None,
     init_model: str | None,
     gan: bool,
@@ -115,7 +115,8 @@ def train_command(
     for key, value in (("steps", steps), ("batch", batch)):
         if value is not None:
             values[key] = value
-    values["seed"] = seed
+    if seed is not None:  # a flag wins over --config; without one the config's seed (or 0) stays
+        values["seed"] = seed
     if init_model is not None:
         from pysynth.models.io import read_model_info
 

@@ -837,6 +837,13 @@ def run_slide(
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         return {"slide": str(path), "status": "failed", "error": f"{path}: {where}{exc.strerror or exc}"}
+    except Exception as exc:  # anything else (out of GPU memory, an OpenCV error, a bug) fails this slide alone
+        log.debug("%s: failed", path, exc_info=True)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        kind = type(exc).__qualname__
+        if type(exc).__module__ not in ("builtins", None):
+            kind = f"{type(exc).__module__.split('.')[0]}.{kind}"
+        return {"slide": str(path), "status": "failed", "error": f"{path}: {kind}: {first}"}
     record = asdict(result)
     record["slide"] = str(path)
     record["status"] = "skipped" if result.skipped else "done"

@@ -1,0 +1,73 @@
+"""Correct results under every allowed setting: config files are not overridden by flag defaults, and one slide
+that fails for any reason fails alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+
+def _png(path: Path, rgb: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+    return path
+
+
+def test_train_keeps_the_seed_of_its_config_unless_a_flag_says_otherwise(run_cli, tmp_path, tissue_rgb) -> None:
+    tiny = {
+        "model": {"width": 4, "depth": 2, "max_width": 8},
+        "synth": {"size": 80},
+        "crop": 64,
+        "batch": 2,
+        "warmup": 1,
+        "val_patches": 4,
+        "snapshot_every": 0,
+        "threads": 1,
+        "seed": 7,
+    }
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny))
+    real = _png(tmp_path / "real.png", tissue_rgb[:400, :400])
+    common = ("--real", real, "--input-mpp", "0.5", "--config", config, "--steps", "1")
+    assert run_cli("train", *common, "--out", tmp_path / "a").code == 0
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["seed"] == 7
+    assert run_cli("train", *common, "--seed", "3", "--out", tmp_path / "b").code == 0
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["seed"] == 3
+
+
+def test_synthesize_keeps_the_size_of_its_config(run_cli, tmp_path, tissue_rgb) -> None:
+    real = _png(tmp_path / "real.png", tissue_rgb[:300, :300])
+    (tmp_path / "c.json").write_text(json.dumps({"size": 96}))
+    args = ("--source", real, "--n", "2", "--input-mpp", "0.25", "--config", tmp_path / "c.json")
+    r = run_cli("synthesize", *args, "--out", tmp_path / "a")
+    assert r.code == 0, r.err
+    assert "patches of 96 px" in r.out
+    r = run_cli("synthesize", *args, "--size", "80", "--out", tmp_path / "b")
+    assert "patches of 80 px" in r.out
+    r = run_cli("synthesize", "--source", real, "--n", "2", "--input-mpp", "0.25", "--out", tmp_path / "c")
+    assert "patches of 200 px" in r.out  # neither: the documented default
+
+
+def test_a_slide_failing_for_any_reason_fails_alone(run_cli, tmp_path, tissue_rgb, monkeypatch) -> None:
+    import pysynth.infer as infer_module
+
+    good = _png(tmp_path / "in" / "good.png", tissue_rgb[:256, :256])
+    bad = _png(tmp_path / "in" / "bad.png", tissue_rgb[256:512, :256])
+    real = infer_module.infer_slide
+
+    def flaky(reader, model, info, slide_dir, **kw):
+        if slide_dir.name == "bad":
+            raise cv2.error("OpenCV(5.0) error: (-215:Assertion failed) !ssize.empty() in function 'resize'")
+        return real(reader, model, info, slide_dir, **kw)
+
+    monkeypatch.setattr(infer_module, "infer_slide", flaky)
+    r = run_cli("infer", bad, good, "--input-mpp", "0.5", "--out", tmp_path / "out")
+    assert r.code == 1
+    assert any("bad.png: cv2.error: OpenCV(5.0) error" in line for line in r.error_lines()), r.err
+    assert "Traceback" not in r.err
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert {s["name"]: s["status"] for s in run["slides"]} == {"good": "done", "bad": "failed"}
