@@ -609,14 +609,19 @@ def infer_slide(
         summary_path.unlink(missing_ok=True)
         shutil.rmtree(parts, ignore_errors=True)
     if summary_path.exists():
+        from pysynth.ledger import SettingsMismatch, settings_diff
+
         try:
             old = json.loads(summary_path.read_text())
-        except ValueError:
+        except (OSError, ValueError) as exc:
+            raise SettingsMismatch(
+                f"{summary_path}: unreadable ({exc}); its results are kept as they are: use --overwrite to redo "
+                "the slide"
+            ) from None
+        if not isinstance(old, dict):
             old = {}
         if old.get("settings") == settings:
             return SlideResult(str(reader.name), int(old.get("nuclei", 0)), 0, 0.0, 0.0, 0.0, {}, skipped=True)
-        from pysynth.ledger import SettingsMismatch, settings_diff
-
         changed = settings_diff(old.get("settings") or {}, settings)
         raise SettingsMismatch(
             f"{slide_dir}: holds results made with other settings ({'; '.join(changed) or 'unreadable record'}); "

@@ -71,3 +71,18 @@ def test_a_slide_failing_for_any_reason_fails_alone(run_cli, tmp_path, tissue_rg
     assert "Traceback" not in r.err
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert {s["name"]: s["status"] for s in run["slides"]} == {"good": "done", "bad": "failed"}
+
+
+def test_an_unreadable_summary_is_reported_as_such_and_kept(run_cli, tmp_path, tissue_rgb) -> None:
+    image = _png(tmp_path / "in" / "X.png", tissue_rgb[:256, :256])
+    out = tmp_path / "out"
+    assert run_cli("infer", image, "--input-mpp", "0.5", "--out", out).code == 0
+    (out / "X" / "summary.json").write_text("{not json")
+    r = run_cli("infer", image, "--input-mpp", "0.5", "--out", out)
+    assert r.code == 1
+    assert "summary.json: unreadable" in r.err
+    assert "other settings" not in r.err
+    assert (out / "X" / "summary.json").read_text() == "{not json"
+    assert (out / "X" / "nuclei.geojson").exists()
+    assert run_cli("infer", image, "--input-mpp", "0.5", "--out", out, "--overwrite").code == 0
+    assert json.loads((out / "X" / "summary.json").read_text())["nuclei"] > 0
