@@ -633,8 +633,12 @@ def infer_slide(
             old_settings = json.loads(settings_path.read_text())
         except (OSError, ValueError):
             old_settings = None
-        if old_settings != settings:
-            shutil.rmtree(parts)  # an unfinished run with other settings: its regions cannot be reused
+        if old_settings != settings:  # an unfinished run with other settings: its regions cannot be reused
+            finished = len(list(parts.glob("0*.json")))
+            if finished:
+                why = "its settings are unreadable" if old_settings is None else "it had other settings"
+                log.warning("%s: redoing the %d finished region(s) of an unfinished run (%s)", slide_dir, finished, why)
+            shutil.rmtree(parts)
     parts.mkdir(exist_ok=True)
     atomic_write_text(settings_path, json.dumps(settings))
 

@@ -86,3 +86,22 @@ def test_an_unreadable_summary_is_reported_as_such_and_kept(run_cli, tmp_path, t
     assert (out / "X" / "nuclei.geojson").exists()
     assert run_cli("infer", image, "--input-mpp", "0.5", "--out", out, "--overwrite").code == 0
     assert json.loads((out / "X" / "summary.json").read_text())["nuclei"] > 0
+
+
+def test_unfinished_regions_are_not_dropped_silently(tmp_path, tissue_rgb, caplog) -> None:
+    from pysynth.infer import PARTS, InferConfig, infer_slide, inference_model
+    from pysynth.io import ArrayReader
+    from pysynth.models.io import default_model_dir
+
+    model, info = inference_model(str(default_model_dir()))
+    reader = ArrayReader(np.ascontiguousarray(tissue_rgb[:300, :300]), 0.25)
+    parts = tmp_path / "s" / PARTS
+    parts.mkdir(parents=True)
+    (parts / "settings.json").write_text("{broken")
+    (parts / "000000.json").write_text('{"region": {}, "nuclei": []}')
+    with caplog.at_level("WARNING", logger="pysynth"):
+        infer_slide(reader, model, info, tmp_path / "s", config=InferConfig(), model_id="m")
+    assert any(
+        "redoing the 1 finished region(s)" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records
+    )
+    assert (tmp_path / "s" / "summary.json").exists()

@@ -459,6 +459,7 @@ def train(
     init_segmenter(model, config)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step, wall, rows = 0, 0.0, []
+    window: list[tuple[float, dict[str, float]]] = []
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
         try:
@@ -468,6 +469,8 @@ def train(
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise PysynthError(f"{checkpoint_path}: does not fit this model ({first}); use --overwrite") from None
         step, wall, rows = int(state["step"]), float(state["wall_s"]), list(state["rows"])
+        # The steps since the last losses row: without them a resumed run's next row averages fewer steps.
+        window = [(float(loss), dict(parts)) for loss, parts in state.get("window", [])]
         log.info("resuming at step %d of %d", step, config.steps)
         if progress is not None:
             progress(step, {})
@@ -482,13 +485,13 @@ def train(
     def save_checkpoint() -> None:
         state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "wall_s": wall}
         state.update({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "rows": rows})
+        state["window"] = [[loss, parts] for loss, parts in window]
         _atomic_torch_save(state, checkpoint_path)
         write_losses(out_dir, rows, LOSS_COLUMNS)
 
     model.train()
     with StopAtStepEnd() as stop, ThreadPoolExecutor(1) as pool:  # the next batch is made while this one trains
         pending = pool.submit(batch_items, step) if step < config.steps else None
-        window: list[tuple[float, dict[str, float]]] = []
         while step < config.steps:
             started = time.perf_counter()
             assert pending is not None
