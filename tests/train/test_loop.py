@@ -77,6 +77,7 @@ def test_interrupted_run_resumes_exactly(tmp_path: Path, real_png: Path) -> None
     assert not (tmp_path / "resumed" / "model.pt").exists()
     train(config, tmp_path / "resumed", real=[real_png], input_mpp=0.25)
     assert _same(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed"))
+
     # The losses rows too (the window of steps since the last row is checkpointed), all but the wall time.
     def rows(folder: Path) -> list[dict[str, str]]:
         import csv
