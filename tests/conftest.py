@@ -31,6 +31,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def tiny_train() -> dict:
+    """A training configuration (``--config`` YAML content) small enough for a command-line test: seconds a run."""
+    return {
+        "model": {"width": 4, "depth": 2, "max_width": 8},
+        "synth": {"size": 80},
+        "crop": 64,
+        "batch": 2,
+        "warmup": 1,
+        "val_patches": 4,
+        "checkpoint_every": 2,
+        "snapshot_every": 0,
+        "threads": 1,
+    }
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The project's shared real data (../shared/data); tests using it skip clearly where it is absent."""

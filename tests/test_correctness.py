@@ -17,18 +17,8 @@ def _png(path: Path, rgb: np.ndarray) -> Path:
     return path
 
 
-def test_train_keeps_the_seed_of_its_config_unless_a_flag_says_otherwise(run_cli, tmp_path, tissue_rgb) -> None:
-    tiny = {
-        "model": {"width": 4, "depth": 2, "max_width": 8},
-        "synth": {"size": 80},
-        "crop": 64,
-        "batch": 2,
-        "warmup": 1,
-        "val_patches": 4,
-        "snapshot_every": 0,
-        "threads": 1,
-        "seed": 7,
-    }
+def test_train_keeps_the_seed_of_its_config_unless_a_flag_says_otherwise(run_cli, tmp_path, tissue_rgb, tiny_train):
+    tiny = {**tiny_train, "seed": 7}
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tiny))
     real = _png(tmp_path / "real.png", tissue_rgb[:400, :400])

@@ -195,24 +195,12 @@ def test_segment_rerun_with_another_input_mpp_is_refused(run_cli, tmp_path: Path
 
 # --- 4 and 5. train ---------------------------------------------------------------------------------------------
 
-TINY = {
-    "model": {"width": 4, "depth": 2, "max_width": 8},
-    "synth": {"size": 80},
-    "crop": 64,
-    "batch": 2,
-    "warmup": 1,
-    "val_patches": 4,
-    "checkpoint_every": 2,
-    "snapshot_every": 0,
-    "threads": 1,
-}
-
 
 def test_train_refuses_other_sources_and_a_failed_start_does_not_block_the_fix(
-    run_cli, tmp_path: Path, tissue_rgb: np.ndarray
+    run_cli, tmp_path: Path, tissue_rgb: np.ndarray, tiny_train: dict
 ) -> None:
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
+    config.write_text(yaml.safe_dump(tiny_train))
     one = _png(tmp_path / "in" / "one.png", tissue_rgb[:400, :400])
     two = _png(tmp_path / "in" / "two.png", tissue_rgb[200:, 300:])
     glass = _png(tmp_path / "in" / "glass.png", np.full((300, 300, 3), 245, np.uint8))

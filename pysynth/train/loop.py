@@ -148,16 +148,6 @@ def make_source(
     return lambda i: maker(i, seed=config.seed)
 
 
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def claim_run(
     out_dir: Path,
     files: dict[str, str],
@@ -184,6 +174,8 @@ def claim_run(
     """
     import yaml
 
+    from pysynth.ledger import flatten
+
     started = any((out_dir / name).exists() for name in progress_files)
     if not overwrite and started:
         for name, resolved in files.items():
@@ -191,7 +183,7 @@ def claim_run(
             if not path.exists() and name != "config.yaml" and (out_dir / "config.yaml").exists():
                 log.warning("%s: the run has no record of its %s (an earlier pysynth); recording these", out_dir, name)
             if path.exists() and path.read_text() != resolved:
-                old, new = _flatten(yaml.safe_load(path.read_text()) or {}), _flatten(yaml.safe_load(resolved))
+                old, new = flatten(yaml.safe_load(path.read_text()) or {}), flatten(yaml.safe_load(resolved))
                 changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 if not changed:  # only comments differ (a source's path)
                     continue

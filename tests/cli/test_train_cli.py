@@ -8,23 +8,11 @@ import cv2
 import numpy as np
 import yaml
 
-TINY = {
-    "model": {"width": 4, "depth": 2, "max_width": 8},
-    "synth": {"size": 80},
-    "crop": 64,
-    "batch": 2,
-    "warmup": 1,
-    "val_patches": 4,
-    "checkpoint_every": 2,
-    "snapshot_every": 0,
-    "threads": 1,
-}
 
-
-def test_tiny_run_then_segment_with_it(run_cli, tmp_path: Path, tissue_rgb: np.ndarray) -> None:
+def test_tiny_run_then_segment_with_it(run_cli, tmp_path: Path, tissue_rgb: np.ndarray, tiny_train: dict) -> None:
     real = tmp_path / "real.png"
     cv2.imwrite(str(real), cv2.cvtColor(tissue_rgb, cv2.COLOR_RGB2BGR))
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_train))
     model = tmp_path / "model"
     result = run_cli(
         "train", "--real", str(real), "--input-mpp", "0.5", "--out", str(model), "--steps", "3",
@@ -73,7 +61,7 @@ def test_usage_errors(run_cli, tmp_path: Path, sample_slide: Path) -> None:
         assert len(result.error_lines()) == 1
 
 
-def test_gan_run_from_the_command_line(run_cli, tmp_path: Path, tissue_rgb: np.ndarray) -> None:
+def test_gan_run_from_the_command_line(run_cli, tmp_path: Path, tissue_rgb: np.ndarray, tiny_train: dict) -> None:
     real = tmp_path / "real.png"
     cv2.imwrite(str(real), cv2.cvtColor(tissue_rgb, cv2.COLOR_RGB2BGR))
     joint = {
@@ -81,7 +69,7 @@ def test_gan_run_from_the_command_line(run_cli, tmp_path: Path, tissue_rgb: np.n
                 "disc_channels": 4, "disc_max_channels": 8, "disc_layers": 3},
         "seg_warmup": 1, "d_warmup": 1, "g_every": 1, "d_every": 2, "history": 4, "preview": 2,
     }  # fmt: skip
-    (tmp_path / "gan.yaml").write_text(yaml.safe_dump({**TINY, "val_patches": 3, "joint": joint}))
+    (tmp_path / "gan.yaml").write_text(yaml.safe_dump({**tiny_train, "val_patches": 3, "joint": joint}))
     model = tmp_path / "model"
     args = ["train", "--real", str(real), "--input-mpp", "0.5", "--out", str(model), "--steps", "4"]
     result = run_cli(*args, "--config", str(tmp_path / "gan.yaml"), "--gan", "--no-hard")
