@@ -168,21 +168,16 @@ def infer_command(
 
         def finish(stem: str, record: dict) -> None:
             records[stem] = record
-            if record["status"] in ("done", "skipped"):
+            # A finished slide is recorded once; a skipped one keeps the entry (and run) that made it.
+            if record["status"] == "done" or (record["status"] == "skipped" and stem not in ledger.entries):
                 slide_dir = out / stem
-                earlier = ledger.entries.get(stem, {})
-                kept = {k: v for k, v in earlier.items() if k == "record"} if record["status"] == "skipped" else {}
                 ledger.record(
                     stem,
                     identities[stem],
                     run_settings,
                     [slide_dir / SUMMARY, slide_dir / "nuclei.geojson"],
-                    record=kept.get("record") or {k: v for k, v in record.items() if k != "status"},
+                    record={k: v for k, v in record.items() if k != "status"},
                 )
-                if record["status"] == "skipped":
-                    ledger.entries[stem]["run"] = earlier.get("run", ledger.run_id)
-                    ledger.entries[stem]["finished"] = earlier.get("finished", ledger.entries[stem]["finished"])
-                    ledger.save()
             if record["status"] in ("failed", "refused"):
                 tqdm.write(f"error: {record['error']}")
 
@@ -240,7 +235,7 @@ def infer_command(
             wall_s=round(wall, 2),
             slides={stem: records[stem]["status"] for stem in stems if stem in records},
         )
-        ledger.save()
+        ledger.save()  # this run's entry with what it did, before run.json lists it
         _write_run_json(out, ledger, records)
     failed = [r for r in this_run if r["status"] in ("failed", "refused")]
     click.echo(f"{'slide':32s} {'status':8s} {'nuclei':>9s} {'regions':>8s} {'Mpx/s':>7s} {'time':>8s}")

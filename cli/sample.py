@@ -66,7 +66,7 @@ def sample_command(
 
     Writes DIR/<slide>_<i>.png and DIR/manifest.csv (source, level-0 x/y, size, µm/px, tissue fraction, the run
     that made the row). The same seed gives the same patches whatever --workers. DIR records what made each
-    source's patches (.pysynth-ledger.json): a rerun keeps finished sources (an interrupted run resumes where it
+    source's patches (.pysynth-ledger.jsonl): a rerun keeps finished sources (an interrupted run resumes where it
     stopped), adds new ones, and the manifest lists every source the folder holds; a source whose file changed is
     refused unless --overwrite. Sources that share a stem are named by their folders (case17/HE.svs ->
     case17_HE), whatever the order on the command line.

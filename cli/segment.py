@@ -50,7 +50,7 @@ def segment_command(
     nucleus) and Detection peak (its highest detection probability). The network sees each image as `pysynth
     infer` sees a slide (one pass up to 2,048 px at the model's resolution, beyond that 2,048 px cores with
     128 px of context), so both give the same nuclei. --out records what made each result
-    (.pysynth-ledger.json): a rerun keeps results of the same input content and settings, makes missing ones, and
+    (.pysynth-ledger.jsonl): a rerun keeps results of the same input content and settings, makes missing ones, and
     refuses (exit 1, results kept) or with --overwrite redoes the others. Images that share a stem are named by
     their folders (case17/HE.png -> case17_HE), the same whatever the order on the command line.
     """

@@ -1,9 +1,11 @@
 """What made each result of an output folder: the record that lets reruns keep, make, refuse or redo results.
 
 Every command that writes one result per input (``sample``, ``segment``, ``infer``) keeps a ledger in its output
-folder, ``.pysynth-ledger.json``. An entry per output name records the input that made it (resolved path and
-content identity: size and a BLAKE2 hash of its head and tail), the settings that decide the result, the files it
-wrote and the run that made it; the ledger also lists every run (when, which pysynth, which settings). A rerun then
+folder, ``.pysynth-ledger.jsonl``: a journal of JSON lines, appended (and synced) as results finish, so recording a
+result costs one line whatever the folder holds, and a line cut short by a crash is ignored. An entry per output
+name records the input that made it (resolved path and content identity: size and a BLAKE2 hash of its head and
+tail), the settings that decide the result, the files it wrote and the run that made it; the ledger also lists
+every run (when, which pysynth, which settings, what it did). A rerun then
 
 - keeps an entry whose input and settings still match (and whose files are all there),
 - makes what is missing,
@@ -30,13 +32,27 @@ from pathlib import Path
 from typing import Any
 
 from pysynth.errors import PysynthError
-from pysynth.fsutil import atomic_write_text
 
-LEDGER = ".pysynth-ledger.json"
+LEDGER = ".pysynth-ledger.jsonl"
 LEDGER_FORMAT = "pysynth-ledger"
 LEDGER_VERSION = 1
 #: Bytes hashed at each end of an input file; files up to twice this size are hashed whole.
 HASH_SPAN = 1 << 20
+
+
+def read_ledger(folder: str | Path) -> dict[str, Any]:
+    """The run record of an output folder as ``{"command", "runs", "entries"}`` (for scripts and tests).
+
+    Raises:
+        PysynthError: If the folder has no record, or it is not one.
+    """
+    path = Path(folder) / LEDGER
+    if not path.exists():
+        raise PysynthError(f"{folder}: no run record ({LEDGER})")
+    ledger = Ledger.__new__(Ledger)
+    ledger.path, ledger.entries, ledger.runs = path, {}, []
+    header = ledger._replay()
+    return {"command": header.get("command"), "runs": ledger.runs, "entries": ledger.entries}
 
 
 class SettingsMismatch(PysynthError):
@@ -163,29 +179,56 @@ class Ledger:
         self.path = self.folder / LEDGER
         self.command = command
         self._lock: Any = None
-        data: dict[str, Any] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.runs: list[dict[str, Any]] = []
         if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
+            header = self._replay()
+            if header.get("command") != command:
                 raise PysynthError(
-                    f"{self.path}: unreadable run record ({exc}); move it away to start afresh"
-                ) from None
-            if data.get("format") != LEDGER_FORMAT or not isinstance(data.get("entries"), dict):
-                raise PysynthError(f"{self.path}: not a pysynth run record")
-            if data.get("version", 0) > LEDGER_VERSION:
-                raise PysynthError(f"{self.path}: written by a newer pysynth (record version {data['version']})")
-            if data.get("command") != command:
-                raise PysynthError(
-                    f"{self.folder}: holds results of `pysynth {data.get('command')}`, not `{command}`; "
+                    f"{self.folder}: holds results of `pysynth {header.get('command')}`, not `{command}`; "
                     "use another --out"
                 )
-        self.entries: dict[str, dict[str, Any]] = data.get("entries", {})
-        self.runs: list[dict[str, Any]] = data.get("runs", [])
         self.run_id = max((int(r.get("run", 0)) for r in self.runs), default=0) + 1
         self.runs.append(
             {"run": self.run_id, "started": _now(), "pysynth": __version__, "settings": dict(settings or {})}
         )
+        self._saved_run: str | None = None
+        self._checked_end = False
+
+    def _replay(self) -> dict[str, Any]:
+        """Read the journal: later lines win; a last line cut short (a crash while appending) is ignored."""
+        try:
+            lines = self.path.read_bytes().split(b"\n")
+        except OSError as exc:
+            raise PysynthError(f"{self.path}: unreadable run record ({exc.strerror or exc})") from None
+        header: dict[str, Any] = {}
+        runs: dict[int, dict[str, Any]] = {}
+        for number, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                if number == len(lines) - 1:  # the unterminated last line of an interrupted append
+                    continue
+                raise PysynthError(
+                    f"{self.path}: line {number + 1} is not JSON; move the record away to start afresh"
+                ) from None
+            kind = item.pop("type", None) if isinstance(item, dict) else None
+            if number == 0:
+                if kind != "header" or item.get("format") != LEDGER_FORMAT:
+                    raise PysynthError(f"{self.path}: not a pysynth run record")
+                if item.get("version", 0) > LEDGER_VERSION:
+                    raise PysynthError(f"{self.path}: written by a newer pysynth (record version {item['version']})")
+                header = item
+            elif kind == "run":
+                runs[int(item["run"])] = item
+            elif kind == "entry":
+                self.entries[item.pop("name")] = item
+            elif kind == "forget":
+                self.entries.pop(item["name"], None)
+        self.runs = [runs[k] for k in sorted(runs)]
+        return header
 
     # --- locking and saving ---------------------------------------------------------------------------------------
 
@@ -213,16 +256,32 @@ class Ledger:
             self._lock.close()
             self._lock = None
 
+    def _append(self, item: dict[str, Any]) -> None:
+        """Append one line to the journal and sync it (the journal is created with its header first)."""
+        lines = []
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size and not self._checked_end:  # drop a last line cut short by a crash: the journal stays whole lines
+            with self.path.open("r+b") as handle:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    size = self.path.read_bytes().rfind(b"\n") + 1
+                    handle.truncate(size)
+        self._checked_end = True
+        if not size:
+            header = {"type": "header", "format": LEDGER_FORMAT, "version": LEDGER_VERSION, "command": self.command}
+            lines.append(json.dumps(header))
+        lines.append(json.dumps(item, default=str, separators=(",", ":")))
+        with self.path.open("ab") as handle:
+            handle.write("".join(f"{line}\n" for line in lines).encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+
     def save(self) -> None:
-        """Write the ledger atomically (after every finished entry, so an interruption loses nothing)."""
-        data = {
-            "format": LEDGER_FORMAT,
-            "version": LEDGER_VERSION,
-            "command": self.command,
-            "runs": self.runs,
-            "entries": dict(sorted(self.entries.items())),
-        }
-        atomic_write_text(self.path, json.dumps(data, indent=1, default=str) + "\n")
+        """Append this run's entry if it changed (its counts); results are appended as they are recorded."""
+        line = json.dumps(self.run, default=str, sort_keys=True)
+        if line != self._saved_run:
+            self._append({"type": "run", **self.run})
+            self._saved_run = line
 
     @property
     def run(self) -> dict[str, Any]:
@@ -323,10 +382,11 @@ class Ledger:
             **extra,
         }
         self.entries[name] = entry
-        self.save()
+        self.save()  # the run is on record before its first result
+        self._append({"type": "entry", "name": name, **entry})
         return entry
 
     def forget(self, name: str) -> None:
         """Drop an entry (its result is being redone)."""
         if self.entries.pop(name, None) is not None:
-            self.save()
+            self._append({"type": "forget", "name": name})

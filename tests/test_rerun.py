@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pysynth.ledger import LEDGER, Ledger, file_identity, same_content, stable_names
+from pysynth.ledger import Ledger, file_identity, read_ledger, same_content, stable_names
 from pysynth.sample import read_manifest
 
 
@@ -125,7 +125,7 @@ def test_segment_names_same_stem_inputs_by_folder_and_never_swaps_them(run_cli, 
     assert (alone / "X.geojson").read_bytes().replace(b'"name":"X"', b"") == (out / "b_X.geojson").read_bytes().replace(
         b'"name":"b_X"', b""
     )
-    ledger = json.loads((out / LEDGER).read_text())
+    ledger = read_ledger(out)
     assert ledger["entries"]["a_X"]["input"]["path"] == str(a.resolve())
     assert ledger["entries"]["b_X"]["input"]["path"] == str(b.resolve())
 

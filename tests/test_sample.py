@@ -12,6 +12,7 @@ import pytest
 
 from pysynth.errors import PysynthError
 from pysynth.io import ArrayReader, compute_tissue_mask, open_slide, read_region
+from pysynth.ledger import LEDGER, read_ledger
 from pysynth.sample import MANIFEST_COLUMNS, SampleConfig, read_manifest, sample
 from pysynth.sources import collect_sources, unique_names
 
@@ -93,11 +94,11 @@ def test_resume_after_interruption(sources: list[Path], tmp_path: Path) -> None:
     _run(sources, out)
     # Simulate a run killed while sampling the second source: its record and one patch are missing,
     # another patch half-written, and the manifest not yet rewritten.
-    ledger_path = out / ".pysynth-ledger.json"
-    ledger = json.loads(ledger_path.read_text())
-    name = sorted(ledger["entries"])[1]
-    del ledger["entries"][name]
-    ledger_path.write_text(json.dumps(ledger))
+    ledger_path = out / LEDGER
+    name = sorted(read_ledger(out)["entries"])[1]
+    lines = ledger_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("name") != name]
+    ledger_path.write_text("".join(kept) + '{"type":"entry","name":"cut sh')  # and a line cut short by the kill
     victims = sorted(out.glob(f"{name}_*.png"))
     victims[0].unlink()
     victims[1].write_bytes(victims[1].read_bytes()[:100])

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pysynth.instances import InstanceConfig
+from pysynth.ledger import read_ledger
 from pysynth.models.io import ModelError, ModelInfo, default_model_dir, load_model, read_model_info, save_model
 from pysynth.models.unet import UNet, UNetConfig
 from pysynth.segment import geojson, predict_maps, segment_image, segment_rgb
@@ -260,7 +261,7 @@ def test_segment_min_confidence_and_tta_are_settings_of_the_results(run_cli, tmp
         return json.loads((folder / "b.geojson").read_text())["features"]
 
     assert run_cli("segment", image, "--input-mpp", "0.5", "--out", str(out)).code == 0
-    settings = json.loads((out / ".pysynth-ledger.json").read_text())["entries"]["b"]["settings"]
+    settings = read_ledger(out)["entries"]["b"]["settings"]
     assert settings["tta"] == 1
     assert settings["min_confidence"] == read_model_info(default_model_dir()).instances.min_confidence
     for args in (["--tta", "2"], ["--min-confidence", "0.9"]):
@@ -268,7 +269,7 @@ def test_segment_min_confidence_and_tta_are_settings_of_the_results(run_cli, tmp
         assert refused.code == 1
         assert "other settings" in refused.err
     assert run_cli("segment", image, "--input-mpp", "0.5", "--out", str(out), "--tta", "2", "--overwrite").code == 0
-    assert json.loads((out / ".pysynth-ledger.json").read_text())["entries"]["b"]["settings"]["tta"] == 2
+    assert read_ledger(out)["entries"]["b"]["settings"]["tta"] == 2
     assert run_cli("segment", image, "--input-mpp", "0.5", "--out", str(out), "--tta", "3").code == 2
     # --min-confidence drops exactly the nuclei below it (the others keep their outlines), renumbered.
     for name, value in (("all", "0"), ("hi", "0.8")):

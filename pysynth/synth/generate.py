@@ -139,19 +139,20 @@ def save_sources(
     *,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    digests: Sequence[str] | None = None,
 ) -> None:
     """Prepare every tile for synthesis and save it under ``out_dir/sources`` (atomic; kept on resume).
 
     ``sources/digests.json`` records the tiles' pixel digests and the configuration they were prepared with;
     prepared tiles of other pixels or another configuration (an earlier run with other sources) are redone, never
-    reused under a new tile's name.
+    reused under a new tile's name. ``digests``: the tiles' :func:`tile_digest`, when the caller has them.
     """
     folder = out_dir / SOURCES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     record = {
         "config": config.to_dict(),
         "guide": guide_digest(config),
-        "tiles": [tile_digest(rgb) for _, rgb in tiles],
+        "tiles": list(digests) if digests is not None else [tile_digest(rgb) for _, rgb in tiles],
     }
     record_path = folder / "digests.json"
     try:
@@ -347,7 +348,7 @@ def synthesize_dataset(
     }
     _check_earlier_dataset(out_dir, attrs, overwrite)
     log.info("preparing %d real tile(s) for synthesis", len(tiles))
-    save_sources(tiles, config, out_dir, workers=workers)
+    save_sources(tiles, config, out_dir, workers=workers, digests=attrs["source_digests"])
     maker = SynthMaker(str(out_dir), config.to_dict(), seed)
     report = write_dataset(
         out_dir,
