@@ -12,6 +12,8 @@ plain          the published super-segmentation decides what is inpainted
 guide          the previously shipped model decides (``guide: plain``): other purple stays as a negative
 floor          + no labelled nucleus fainter than the tile's sure real nuclei (``darkness_floor: 0.1``)
 transplant     + 30% of nuclei real ones of the tile (``transplant_fraction: 0.3``)
+negatives      + red cells, fibres and pigment in their own colours (``red_cell_rate``, ``fibre_rate``,
+               ``pigment_rate``: 1, 3 and 0.5 per 100 µm square)
 =============  ====================================================================================
 
 Every arm has the same seed, steps, batch and schedule; an interrupted ablation resumes (each run resumes, finished
@@ -38,6 +40,14 @@ ARMS: dict[str, dict] = {
     "guide": {"guide": "plain"},
     "floor": {"guide": "plain", "darkness_floor": 0.1},
     "transplant": {"guide": "plain", "darkness_floor": 0.1, "transplant_fraction": 0.3},
+    "negatives": {
+        "guide": "plain",
+        "darkness_floor": 0.1,
+        "transplant_fraction": 0.3,
+        "red_cell_rate": 1.0,
+        "fibre_rate": 3.0,
+        "pigment_rate": 0.5,
+    },
 }
 
 

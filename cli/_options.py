@@ -92,6 +92,16 @@ min_confidence_option = click.option(
 )
 
 
+lymphocyte_threshold_option = click.option(
+    "--lymphocyte-threshold",
+    type=FiniteFloatRange(0.0, 1.0),
+    default=None,
+    metavar="P",
+    help="With a model that has a class output: classify nuclei whose lymphocyte probability is at least P as "
+    "Lymphocyte. [default: the model's own, chosen without labels]",
+)
+
+
 def resolve_precision(precision: str, device_type: str) -> str:
     """``--precision`` for a device: ``auto`` becomes fp16 on CUDA and fp32 elsewhere; fp16 needs CUDA."""
     if precision == "auto":

@@ -7,6 +7,7 @@ import click
 from pysynth.cli._options import (
     device_option,
     input_mpp_option,
+    lymphocyte_threshold_option,
     min_confidence_option,
     model_option,
     out_option,
@@ -60,6 +61,7 @@ from pysynth.cli._options import (
 )
 @tta_option
 @min_confidence_option
+@lymphocyte_threshold_option
 @device_option
 @precision_option
 @click.option(
@@ -91,6 +93,7 @@ def infer_command(
     compile_network: bool,
     tta: int,
     min_confidence: float | None,
+    lymphocyte_threshold: float | None,
     device: str,
     precision: str,
     workers: int,
@@ -134,12 +137,14 @@ def infer_command(
                 f"{name} {value} is not a multiple of {step} (the model's pooling grid): nuclei on region seams "
                 f"would differ from one pass; try {value // step * step or step}"
             )
+    if lymphocyte_threshold is not None and not info.has_classes:
+        raise click.UsageError(f"--lymphocyte-threshold: the model {folder} has no class output (lymphocytes)")
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev.type)
     try:
         config = InferConfig(
             core=core, margin=margin, tile=tile, normalise=normalise, tta=tta, min_confidence=min_confidence,
-            precision=precision, compile=compile_network,
+            precision=precision, compile=compile_network, lymphocyte_threshold=lymphocyte_threshold,
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -238,16 +243,18 @@ def infer_command(
         ledger.save()  # this run's entry with what it did, before run.json lists it
         _write_run_json(out, ledger, records)
     failed = [r for r in this_run if r["status"] in ("failed", "refused")]
-    click.echo(f"{'slide':32s} {'status':8s} {'nuclei':>9s} {'regions':>8s} {'Mpx/s':>7s} {'time':>8s}")
+    classes = any(r.get("lymphocytes") is not None for r in this_run)
+    lymph = f" {'lymph.':>8s}" if classes else ""
+    click.echo(f"{'slide':32s} {'status':8s} {'nuclei':>9s}{lymph} {'regions':>8s} {'Mpx/s':>7s} {'time':>8s}")
     for r in this_run:
         if r["status"] in ("failed", "refused"):
             click.echo(f"{Path(r['slide']).name[:32]:32s} {r['status']}")
             continue
         rate = f"{r['processed_pixels'] / r['seconds'] / 1e6:7.2f}" if r.get("seconds") else f"{'':7s}"
         time_s = f"{r['seconds']:7.1f}s" if r.get("seconds") else f"{'':8s}"
-        click.echo(
-            f"{Path(r['slide']).name[:32]:32s} {r['status']:8s} {r['nuclei']:9d} {r['regions']:8d} {rate} {time_s}"
-        )
+        count = (f" {r['lymphocytes']:8d}" if r.get("lymphocytes") is not None else f" {'':8s}") if classes else ""
+        name = Path(r["slide"]).name[:32]
+        click.echo(f"{name:32s} {r['status']:8s} {r['nuclei']:9d}{count} {r['regions']:8d} {rate} {time_s}")
     click.echo(f"{len(this_run) - len(failed)} of {len(this_run)} slide(s) done in {wall:.1f} s; results in {out}")
     for r in failed:
         click.echo(f"error: {r['error']}", err=True)

@@ -7,6 +7,7 @@ import click
 from pysynth.cli._options import (
     device_option,
     input_mpp_option,
+    lymphocyte_threshold_option,
     min_confidence_option,
     model_option,
     out_option,
@@ -24,6 +25,7 @@ from pysynth.cli._options import (
 @out_option
 @tta_option
 @min_confidence_option
+@lymphocyte_threshold_option
 @device_option
 @precision_option
 @click.option(
@@ -39,6 +41,7 @@ def segment_command(
     out_dir: str,
     tta: int,
     min_confidence: float | None,
+    lymphocyte_threshold: float | None,
     device: str,
     precision: str,
     overwrite: bool,
@@ -79,15 +82,21 @@ def segment_command(
     model = fold_batchnorm(model).to(dev).to(memory_format=torch.channels_last)
     precision = resolve_precision(precision, dev.type)
     instances = info.instances if min_confidence is None else replace(info.instances, min_confidence=min_confidence)
+    if lymphocyte_threshold is not None and not info.has_classes:
+        raise click.UsageError(f"--lymphocyte-threshold: the model {folder} has no class output (lymphocytes)")
+    threshold = info.lymphocyte_threshold if lymphocyte_threshold is None else lymphocyte_threshold
     run_settings = {
         "model": model_digest(folder),
         "tta": tta,
         "min_confidence": instances.min_confidence,
         "precision": precision,
     }
+    if info.has_classes:  # recorded only for models with a class output, so earlier folders still match
+        run_settings["lymphocyte_threshold"] = threshold
     out = prepare_output_dir(out_dir)
 
     failures, refused, done, skipped, nuclei, pixels, seconds = [], [], 0, 0, 0, 0, 0.0
+    lymphocytes = 0
     with Ledger(out, "segment", {**run_settings, "input_mpp": input_mpp}) as ledger:
         names = ledger.names(paths)
         for path, stem in tqdm(list(zip(paths, names, strict=True)), desc="segment", unit="image", dynamic_ncols=True):
@@ -118,17 +127,21 @@ def segment_command(
                 failures.append(f"{path}: {exc}")
                 continue
             stale = ledger.outputs_of(stem)
-            written = write_outputs(out, stem, rgb, found, mpp=mpp)
+            written = write_outputs(out, stem, rgb, found, mpp=mpp, lymphocyte_threshold=threshold)
             for old in set(stale) - set(written):  # e.g. a 16-bit PNG replaced by a 32-bit TIFF on a redo
                 old.unlink(missing_ok=True)
             ledger.record(stem, identity, settings, written, nuclei=found.count)
             done += 1
             nuclei += found.count
+            if found.lymphocyte is not None:
+                lymphocytes += int((found.lymphocyte[1:] >= threshold).sum())
             pixels += found.labels.size * (mpp / info.mpp) ** 2  # pixels the network saw, at the model's resolution
         ledger.run.update(done=done, kept=skipped, refused=len(refused), failed=len(failures))
     rate = f", {pixels / seconds / 1e6:.2f} Mpx/s at {info.mpp:g} µm/px" if seconds > 0 else ""
     click.echo(
-        f"segmented {done} image(s), {nuclei} nuclei{rate}"
+        f"segmented {done} image(s), {nuclei} nuclei"
+        + (f" ({lymphocytes} lymphocytes)" if info.has_classes else "")
+        + rate
         + (f"; {skipped} already done" if skipped else "")
         + f"; results in {out}"
     )

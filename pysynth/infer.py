@@ -42,7 +42,17 @@ from pysynth.io import SlideReader, compute_tissue_mask, read_region, read_thumb
 from pysynth.io.tissue import TissueMask
 from pysynth.models.io import ModelInfo, model_digest
 from pysynth.models.unet import UNet
-from pysynth.segment import CONFIDENCE, DETECTION_PEAK, TTA_CHOICES, predict_maps
+from pysynth.segment import (
+    CLASS_COLOURS,
+    CONFIDENCE,
+    DETECTION_PEAK,
+    LYMPHOCYTE,
+    LYMPHOCYTE_PROBABILITY,
+    NUCLEUS,
+    TTA_CHOICES,
+    classification,
+    predict_maps,
+)
 from pysynth.shape import MEASUREMENT_NAMES, shape_features
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,13 @@ SUMMARY = "summary.json"
 GEOJSON = "nuclei.geojson"
 OVERLAY = "overlay.png"
 CSV_DIR = "csv"
+#: Lymphocyte density of a slide (with a class output): the raw grid (nuclei per mm² of tissue, NaN off tissue)
+#: and a heatmap over the thumbnail.
+DENSITY_GRID = "lymphocyte_density.npy"
+DENSITY_MAP = "lymphocyte_density.png"
+#: Side of a cell of the lymphocyte density grid, µm (the 50 µm patches of TIL maps, doubled for counts that
+#: are not mostly 0 or 1).
+DENSITY_CELL_UM = 100.0
 
 #: Reinhard target: mean and standard deviation of L*a*b* (OpenCV float scale: L 0..100) over the tissue pixels of
 #: the shipped model's training sources (30 MoNuSeg tiles and 8 tiles of the bundled slide).
@@ -99,6 +116,8 @@ class InferConfig:
         min_confidence: Nuclei whose confidence (mean segmentation probability over their pixels) is below this
             are dropped; ``None``: the model's own ``instances.min_confidence``.
         precision: Network arithmetic: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU).
+        lymphocyte_threshold: With a class output, nuclei whose lymphocyte probability is at least this are
+            classified ``Lymphocyte``; ``None``: the model's own (``classes.lymphocyte_threshold`` of its card).
         compile: Run the network through ``torch.compile`` (one compilation per window shape, about 8-12 s each on
             this project's 2-core CPU; falls back to eager with a warning where it cannot compile). On that CPU a
             2,304² pass alone ran 1.21× faster (5.15 against 4.25 Mpx/s), but end to end on a 50 Mpx bench slide
@@ -117,6 +136,7 @@ class InferConfig:
     tta: int = 1
     min_confidence: float | None = None
     precision: str = "fp32"
+    lymphocyte_threshold: float | None = None
     compile: bool = False
     min_tissue: float = 0.0
     overlay_mpp: float = 2.0
@@ -139,6 +159,8 @@ class InferConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.tta not in TTA_CHOICES:
             raise ValueError(f"tta must be one of {', '.join(map(str, TTA_CHOICES))}, got {self.tta!r}")
+        if self.lymphocyte_threshold is not None and not 0.0 <= self.lymphocyte_threshold <= 1.0:
+            raise ValueError(f"lymphocyte_threshold must be in [0, 1], got {self.lymphocyte_threshold}")
         if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
 
@@ -354,6 +376,7 @@ def region_nuclei(
     mpp: float,
     level0_per_px: float,
     slide_hw: tuple[int, int],
+    lymphocyte: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """The nuclei a region owns, with polygons in level-0 coordinates and measurements.
 
@@ -370,10 +393,14 @@ def region_nuclei(
         mpp: The model's µm/px.
         level0_per_px: Level-0 pixels per model pixel.
         slide_hw: The slide's extent in model pixels (nuclei beyond it are dropped).
+        lymphocyte: The class output's lymphocyte probability map of the window (None: no class output); each
+            nucleus then has its mean as ``lymphocyte``.
     """
     from pysynth.synth.deconv import rgb_to_hed
 
     found = find_instances(det, seg, instances)
+    if lymphocyte is not None:
+        found = found.with_classes(lymphocyte)
     labels = found.labels
     n = found.count
     if n == 0:
@@ -419,6 +446,7 @@ def region_nuclei(
                 "hematoxylin": round(float(mean_h[k]), 4),
                 "confidence": round(float(found.confidence[k]), 4),
                 "detection_peak": round(float(found.detection_peak[k]), 4),
+                **({} if found.lymphocyte is None else {"lymphocyte": round(float(found.lymphocyte[k]), 4)}),
             }
         )
     return out
@@ -485,15 +513,19 @@ def _csv_text(nuclei: list[dict[str, Any]], mpp: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _feature(nuc: dict[str, Any], ident: int) -> dict[str, Any]:
+def _feature(nuc: dict[str, Any], ident: int, lymphocyte_threshold: float | None = None) -> dict[str, Any]:
+    """One nucleus as a QuPath detection; with a class output (``lymphocyte`` in ``nuc``) classified by threshold."""
     ring = [*nuc["polygon"], nuc["polygon"][0]]
+    classes = "lymphocyte" in nuc and lymphocyte_threshold is not None
+    extra = {LYMPHOCYTE_PROBABILITY: nuc["lymphocyte"]} if classes else {}
+    kind = LYMPHOCYTE if classes and nuc["lymphocyte"] >= lymphocyte_threshold else NUCLEUS
     return {
         "type": "Feature",
         "id": ident,
         "geometry": {"type": "Polygon", "coordinates": [ring]},
         "properties": {
             "objectType": "detection",
-            "classification": {"name": "Nucleus"},
+            "classification": classification(kind) if classes else {"name": NUCLEUS},
             "measurements": {
                 # Area, perimeter and the shape features (parts written before the latter existed lack them).
                 **{name: nuc[key] for key, name in MEASUREMENT_NAMES.items() if key in nuc},
@@ -502,6 +534,7 @@ def _feature(nuc: dict[str, Any], ident: int) -> dict[str, Any]:
                 "Hematoxylin OD mean": nuc["hematoxylin"],
                 CONFIDENCE: nuc["confidence"],
                 DETECTION_PEAK: nuc["detection_peak"],
+                **extra,
             },
         },
     }
@@ -514,8 +547,15 @@ def _write_outputs(
     parts: Path,
     mpp: float,
     config: InferConfig,
-) -> tuple[int, float]:
-    """Stream the parts into nuclei.geojson, csv/ and overlay.png; returns (nuclei, seconds)."""
+    lymphocyte_threshold: float | None = None,
+    tissue: TissueMask | None = None,
+) -> tuple[int, float, dict[str, Any]]:
+    """Stream the parts into nuclei.geojson, csv/ and overlay.png; returns (nuclei, seconds, class summary).
+
+    With a class output (``lymphocyte_threshold`` given) lymphocytes are outlined in their own colour, and the
+    lymphocyte density grid and its heatmap are written (:func:`write_density`); the class summary holds their
+    count and density (empty without a class output).
+    """
     started = time.perf_counter()
     h0, w0 = reader.level_shapes_hw[0]
     o_mpp = max(config.overlay_mpp, max(h0, w0) * reader.mpp / 8000)
@@ -525,6 +565,8 @@ def _write_outputs(
     csv_dir.mkdir(exist_ok=True)
     f = mpp / reader.mpp
     count = 0
+    lymphocyte_xy: list[tuple[float, float]] = []
+    colours = {NUCLEUS: (0, 160, 0), LYMPHOCYTE: CLASS_COLOURS[LYMPHOCYTE]}
     with atomic_writer(slide_dir / GEOJSON, "w") as out:
         out.write('{"type":"FeatureCollection","features":[')
         for region in regions:
@@ -532,16 +574,91 @@ def _write_outputs(
             x0, y0 = round(region.x * f), round(region.y * f)
             name = f"{x0}_{y0}_{round(region.w * f)}_{round(region.h * f)}.csv"
             atomic_write_text(csv_dir / name, _csv_text(nuclei, mpp))
-            polys = []
+            polys: dict[str, list[np.ndarray]] = {NUCLEUS: [], LYMPHOCYTE: []}
             for nuc in nuclei:
                 count += 1
-                out.write(("," if count > 1 else "") + json.dumps(_feature(nuc, count), separators=(",", ":")))
-                polys.append(np.round(np.array(nuc["polygon"]) * scale * 4).astype(np.int32))
-            if polys:
-                cv2.polylines(thumb, polys, True, (0, 160, 0), 1, cv2.LINE_AA, shift=2)
+                feature = _feature(nuc, count, lymphocyte_threshold)
+                out.write(("," if count > 1 else "") + json.dumps(feature, separators=(",", ":")))
+                kind = feature["properties"]["classification"]["name"]
+                if kind == LYMPHOCYTE:
+                    lymphocyte_xy.append((nuc["centroid"][0], nuc["centroid"][1]))
+                polys[kind].append(np.round(np.array(nuc["polygon"]) * scale * 4).astype(np.int32))
+            for kind, group in polys.items():
+                if group:
+                    cv2.polylines(thumb, group, True, colours[kind], 1, cv2.LINE_AA, shift=2)
         out.write("]}\n")
     atomic_write_bytes(slide_dir / OVERLAY, cv2.imencode(".png", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))[1].tobytes())
-    return count, time.perf_counter() - started
+    classes: dict[str, Any] = {}
+    if lymphocyte_threshold is not None and tissue is not None:
+        tissue_mm2 = tissue.area_um2() / 1e6
+        classes = {
+            "lymphocytes": len(lymphocyte_xy),
+            "lymphocyte_threshold": lymphocyte_threshold,
+            "lymphocytes_per_mm2": round(len(lymphocyte_xy) / tissue_mm2, 2) if tissue_mm2 > 0 else None,
+            **write_density(slide_dir, np.array(lymphocyte_xy, np.float64).reshape(-1, 2), reader, tissue),
+        }
+    return count, time.perf_counter() - started, classes
+
+
+def density_grid(
+    xy: np.ndarray, tissue: TissueMask, level0_mpp: float, cell_um: float = DENSITY_CELL_UM, min_tissue: float = 0.1
+) -> np.ndarray:
+    """Nuclei per mm² of tissue in square cells of ``cell_um`` over the slide (float32; NaN off tissue).
+
+    Args:
+        xy: ``(n, 2)`` centroids in level-0 px.
+        tissue: The slide's tissue mask (its area per cell is the denominator).
+        level0_mpp: µm per level-0 px.
+        cell_um: Side of a cell.
+        min_tissue: Cells with less tissue than this share of their area are NaN (an edge sliver's density is
+            noise).
+    """
+    cell = cell_um / level0_mpp  # level-0 px per cell
+    h0 = tissue.mask.shape[0] * tissue.scale
+    w0 = tissue.mask.shape[1] * tissue.scale
+    rows, cols = max(1, math.ceil(h0 / cell)), max(1, math.ceil(w0 / cell))
+    counts = np.zeros((rows, cols), np.float64)
+    if len(xy):
+        c = np.clip((xy[:, 0] // cell).astype(np.int64), 0, cols - 1)
+        r = np.clip((xy[:, 1] // cell).astype(np.int64), 0, rows - 1)
+        np.add.at(counts, (r, c), 1.0)
+    # Tissue share per cell: the mask's pixels binned into cells by their centres.
+    my, mx = np.nonzero(tissue.mask)
+    share = np.zeros((rows, cols), np.float64)
+    per_pixel = tissue.scale * tissue.scale / (cell * cell)
+    if len(my):
+        r = np.clip((((my + 0.5) * tissue.scale) // cell).astype(np.int64), 0, rows - 1)
+        c = np.clip((((mx + 0.5) * tissue.scale) // cell).astype(np.int64), 0, cols - 1)
+        np.add.at(share, (r, c), per_pixel)
+    share = np.minimum(share, 1.0)
+    area_mm2 = share * (cell_um / 1000.0) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        density = np.where(share >= min_tissue, counts / area_mm2, np.nan)
+    return density.astype(np.float32)
+
+
+def write_density(slide_dir: Path, xy: np.ndarray, reader: SlideReader, tissue: TissueMask) -> dict[str, Any]:
+    """Write the lymphocyte density grid (``.npy``) and its heatmap over the thumbnail; returns their description."""
+    import io as _io
+
+    from pysynth.viz import heatmap_over
+
+    density = density_grid(xy, tissue, reader.mpp)
+    buffer = _io.BytesIO()
+    np.save(buffer, density)
+    atomic_write_bytes(slide_dir / DENSITY_GRID, buffer.getvalue())
+    h0, w0 = reader.level_shapes_hw[0]
+    thumb = np.ascontiguousarray(read_thumbnail(reader, max(8.0, max(h0, w0) * reader.mpp / 2000)))
+    picture = heatmap_over(thumb, density, label="lymphocytes / mm² of tissue")
+    atomic_write_bytes(
+        slide_dir / DENSITY_MAP, cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))[1].tobytes()
+    )
+    finite = density[np.isfinite(density)]
+    return {
+        "density_grid": DENSITY_GRID,
+        "density_cell_um": DENSITY_CELL_UM,
+        "density_max_per_mm2": round(float(finite.max()), 1) if finite.size else None,
+    }
 
 
 @dataclass
@@ -558,6 +675,7 @@ class SlideResult:
     skipped: bool = False
     resumed_regions: int = 0
     processed_pixels: float = 0.0
+    lymphocytes: int | None = None
 
 
 def infer_slide(
@@ -603,6 +721,14 @@ def infer_slide(
         "level0_hw": list(reader.level_shapes_hw[0]),
         "measurements": MEASUREMENTS_VERSION,
     }
+    classes = info.has_classes
+    if config.lymphocyte_threshold is not None and not classes:
+        raise PysynthError("--lymphocyte-threshold needs a model with a class output (lymphocytes); this one has none")
+    lymphocyte_threshold = (
+        info.lymphocyte_threshold if config.lymphocyte_threshold is None else config.lymphocyte_threshold
+    )
+    if classes:  # only for a model with a class output
+        settings["lymphocyte_threshold"] = lymphocyte_threshold
     summary_path = slide_dir / SUMMARY
     parts = slide_dir / PARTS
     if overwrite:
@@ -621,7 +747,17 @@ def infer_slide(
         if not isinstance(old, dict):
             old = {}
         if old.get("settings") == settings:
-            return SlideResult(str(reader.name), int(old.get("nuclei", 0)), 0, 0.0, 0.0, 0.0, {}, skipped=True)
+            return SlideResult(
+                str(reader.name),
+                int(old.get("nuclei", 0)),
+                0,
+                0.0,
+                0.0,
+                0.0,
+                {},
+                skipped=True,
+                lymphocytes=old.get("lymphocytes"),
+            )
         changed = settings_diff(old.get("settings") or {}, settings)
         raise SettingsMismatch(
             f"{slide_dir}: holds results made with other settings ({'; '.join(changed) or 'unreadable record'}); "
@@ -670,10 +806,11 @@ def infer_slide(
         normalised = colour.apply(window, lookup=lookup)
         return window, normalised, t1 - t0, time.perf_counter() - t1
 
-    def finish(region: Region, window: np.ndarray, det: np.ndarray, seg: np.ndarray) -> tuple[int, float, float]:
+    def finish(region: Region, window: np.ndarray, maps: tuple[np.ndarray, ...]) -> tuple[int, float, float]:
         t0 = time.perf_counter()
         origin = boxes[region.index][:2]
-        nuclei = region_nuclei(window, det, seg, region, origin, instances, mpp, f, slide_hw)
+        lymphocyte = maps[2] if classes else None
+        nuclei = region_nuclei(window, maps[0], maps[1], region, origin, instances, mpp, f, slide_hw, lymphocyte)
         t1 = time.perf_counter()
         record = {"region": asdict(region), "nuclei": nuclei}
         atomic_write_text(parts / f"{region.index:06d}.json", json.dumps(record, separators=(",", ":")))
@@ -707,8 +844,14 @@ def infer_slide(
             t0 = time.perf_counter()
             side = config.tile or max(normalised.shape[:2])
             try:
-                det, seg = predict_maps(
-                    net, normalised, tile=side, context=config.tile_context, precision=config.precision, tta=config.tta
+                maps = predict_maps(
+                    net,
+                    normalised,
+                    tile=side,
+                    context=config.tile_context,
+                    precision=config.precision,
+                    tta=config.tta,
+                    classes=classes,
                 )
             except Exception as exc:  # torch.compile's backends raise many types (no compiler, unsupported op)
                 if net is model:
@@ -716,15 +859,21 @@ def infer_slide(
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 log.warning("torch.compile failed (%s); the network runs eagerly", first)
                 net = model
-                det, seg = predict_maps(
-                    net, normalised, tile=side, context=config.tile_context, precision=config.precision, tta=config.tta
+                maps = predict_maps(
+                    net,
+                    normalised,
+                    tile=side,
+                    context=config.tile_context,
+                    precision=config.precision,
+                    tta=config.tta,
+                    classes=classes,
                 )
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             timings.network += time.perf_counter() - t0
             if pending_post is not None:
                 collect(pending_post)
-            pending_post = post_pool.submit(finish, region, window, det, seg)
+            pending_post = post_pool.submit(finish, region, window, maps)
             if stop is not None and stop():
                 interrupted = True
                 break
@@ -735,7 +884,8 @@ def infer_slide(
     if interrupted:
         raise KeyboardInterrupt
 
-    count, t_write = _write_outputs(slide_dir, reader, regions, parts, mpp, config)
+    threshold = lymphocyte_threshold if classes else None
+    count, t_write, class_summary = _write_outputs(slide_dir, reader, regions, parts, mpp, config, threshold, tissue)
     timings.write += t_write
     seconds = time.perf_counter() - started
     pixels = float(sum(r.w * r.h for r in regions))
@@ -752,6 +902,7 @@ def infer_slide(
         timings={k: round(v, 3) for k, v in asdict(timings).items()},
         resumed_regions=resumed,
         processed_pixels=pixels_now,
+        lymphocytes=class_summary.get("lymphocytes"),
     )
     summary = {
         **asdict(result),
@@ -769,6 +920,7 @@ def infer_slide(
             "python": platform.python_version(),
         },
         "device": str(device),
+        **class_summary,
     }
     atomic_write_text(summary_path, json.dumps(summary, indent=1))
     shutil.rmtree(parts, ignore_errors=True)

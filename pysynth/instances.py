@@ -11,7 +11,7 @@ mean segmentation probability over its pixels (:func:`instance_confidence`); ins
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -165,6 +165,22 @@ def instance_confidence(
     return mean_seg, peak
 
 
+def instance_means(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Mean of ``values`` over each instance's pixels, float64 indexed by label (entry 0 and absent labels 0).
+
+    Raises:
+        ValueError: If the shapes differ or are not 2-D.
+    """
+    if labels.shape != values.shape or labels.ndim != 2:
+        raise ValueError(f"labels and values must be 2-D of one shape, got {labels.shape}, {values.shape}")
+    flat = labels.ravel()
+    n = int(flat.max()) + 1 if flat.size else 1
+    where = np.flatnonzero(flat)
+    ids = flat[where]
+    count = np.bincount(ids, minlength=n)
+    return np.bincount(ids, weights=values.ravel()[where], minlength=n) / np.maximum(count, 1)
+
+
 def keep_instances(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """The labels with ``keep[k]`` False dropped and the others renumbered 1..m in their order (int32).
 
@@ -179,11 +195,16 @@ def keep_instances(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Instances:
-    """Instance labels with each instance's confidence (arrays indexed by label, entry 0 for the background)."""
+    """Instance labels with each instance's confidence (arrays indexed by label, entry 0 for the background).
+
+    ``lymphocyte`` is the class output's mean lymphocyte probability over each instance (None for a network
+    without a class output).
+    """
 
     labels: np.ndarray
     confidence: np.ndarray
     detection_peak: np.ndarray
+    lymphocyte: np.ndarray | None = None
 
     @property
     def count(self) -> int:
@@ -198,7 +219,12 @@ class Instances:
             keep_instances(self.labels, keep),
             self.confidence[keep],
             self.detection_peak[keep],
+            None if self.lymphocyte is None else self.lymphocyte[keep],
         )
+
+    def with_classes(self, lymphocyte_map: np.ndarray) -> Instances:
+        """These instances with each one's mean lymphocyte probability from the class output's map."""
+        return replace(self, lymphocyte=instance_means(self.labels, lymphocyte_map))
 
     def above(self, min_confidence: float) -> Instances:
         """Only the instances whose confidence is at least ``min_confidence``."""

@@ -103,3 +103,31 @@ def mean_scores(scores: list[Scores]) -> Scores:
         raise ValueError("no scores to average")
     keys = Scores.__dataclass_fields__
     return Scores(**{k: float(np.mean([getattr(s, k) for s in scores])) for k in keys})
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative (ties: half).
+
+    Computed from average ranks (Mann–Whitney U), exact with ties; NaN when either class is absent.
+
+    Raises:
+        ValueError: If the lengths differ or a score is not finite.
+    """
+    scores = np.asarray(scores, np.float64).ravel()
+    positive = np.asarray(positive, bool).ravel()
+    if scores.shape != positive.shape:
+        raise ValueError(f"scores and truth differ in length: {scores.size} and {positive.size}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores must be finite")
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(scores.size, np.float64)
+    sorted_scores = scores[order]
+    # Average rank (1-based) over each run of equal scores.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], scores.size]
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

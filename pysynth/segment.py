@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -96,7 +97,8 @@ def predict_maps(
     precision: str = "fp32",
     tta: int = 1,
     context: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    classes: bool = False,
+) -> tuple[np.ndarray, ...]:
     """The detection and segmentation probability maps of an RGB image, averaged over ``tta`` symmetries.
 
     With ``tta > 1`` the image is also passed flipped and rotated (:func:`dihedral_transforms`) and the
@@ -107,33 +109,49 @@ def predict_maps(
     edges) and kept on its core only: ``segment``'s and ``infer``'s layout. Without it, tiles of ``tile`` px are
     blended across ``overlap`` (see :func:`_predict_maps_once`).
 
+    Args:
+        model: The network (eval mode).
+        rgb: ``(h, w, 3)`` uint8 at the model's resolution.
+        tile: Tile side, or core side with ``context``.
+        overlap: Overlap of blended tiles (without ``context``).
+        batch: Tiles per forward pass (without ``context``).
+        precision: Network arithmetic (``fp32``, ``bf16``, ``fp16``).
+        tta: Symmetries averaged (1, 2, 4 or 8).
+        context: Context around each core (None: blended tiles).
+        classes: Also return the class output's lymphocyte probability map (the model must have one).
+
     Returns:
-        ``(detection, segmentation)``, float32 ``(h, w)`` each.
+        ``(detection, segmentation)``, or ``(detection, segmentation, lymphocyte)`` with ``classes``; float32
+        ``(h, w)`` each.
+
+    Raises:
+        ValueError: If ``classes`` is asked of a network without a class output.
     """
+    if classes and not model.config.classes:
+        raise ValueError("the network has no class output")
     transforms = dihedral_transforms(tta)
     if context is not None:
         if context < 0:
             raise ValueError(f"context must be non-negative, got {context}")
 
-        def once(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def once(image: np.ndarray) -> tuple[np.ndarray, ...]:
             return _predict_cores(model, image, core=tile, context=context, precision=precision)
     else:
 
-        def once(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def once(image: np.ndarray) -> tuple[np.ndarray, ...]:
             return _predict_maps_once(model, image, tile=tile, overlap=overlap, batch=batch, precision=precision)
 
+    keep = 3 if classes else 2
     if len(transforms) == 1:
-        return once(rgb)
-    det = np.zeros(rgb.shape[:2], np.float32)
-    seg = np.zeros(rgb.shape[:2], np.float32)
+        return once(rgb)[:keep]
+    total = [np.zeros(rgb.shape[:2], np.float32) for _ in range(keep)]
     for turns, mirror in transforms:
         view = np.ascontiguousarray(_forward(rgb, turns, mirror))
-        d, s = once(view)
-        det += _inverse(d, turns, mirror)
-        seg += _inverse(s, turns, mirror)
-    det /= len(transforms)
-    seg /= len(transforms)
-    return det, seg
+        for acc, m in zip(total, once(view)[:keep], strict=False):
+            acc += _inverse(m, turns, mirror)
+    for acc in total:
+        acc /= len(transforms)
+    return tuple(total)
 
 
 def core_splits(n: int, core: int, multiple: int) -> list[tuple[int, int]]:
@@ -148,9 +166,7 @@ def core_splits(n: int, core: int, multiple: int) -> list[tuple[int, int]]:
     return [(a, min(n, a + step)) for a in starts]
 
 
-def _predict_cores(
-    model: UNet, rgb: np.ndarray, *, core: int, context: int, precision: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _predict_cores(model: UNet, rgb: np.ndarray, *, core: int, context: int, precision: str) -> tuple[np.ndarray, ...]:
     """Maps over cores of about ``core`` px, each seen in one pass with ``context`` px around it (cut at the edges).
 
     With ``context`` at least the network's reach (128 px for the shipped depth-4 U-Nets, a multiple of its
@@ -161,19 +177,18 @@ def _predict_cores(
     if h <= core and w <= core:
         return _predict_maps_once(model, rgb, tile=max(h, w), overlap=0, batch=1, precision=precision)
     multiple = 2**model.config.depth
-    det = np.empty((h, w), np.float32)
-    seg = np.empty((h, w), np.float32)
+    out = [np.empty((h, w), np.float32) for _ in range(2 + model.config.classes)]
     for y, y_end in core_splits(h, core, multiple):
         for x, x_end in core_splits(w, core, multiple):
             y0, x0 = max(0, y - context), max(0, x - context)
             y1, x1 = min(h, y_end + context), min(w, x_end + context)
             window = np.ascontiguousarray(rgb[y0:y1, x0:x1])
-            d, s = _predict_maps_once(
+            maps = _predict_maps_once(
                 model, window, tile=max(y1 - y0, x1 - x0), overlap=0, batch=1, precision=precision
             )
-            det[y:y_end, x:x_end] = d[y - y0 : y_end - y0, x - x0 : x_end - x0]
-            seg[y:y_end, x:x_end] = s[y - y0 : y_end - y0, x - x0 : x_end - x0]
-    return det, seg
+            for whole, part in zip(out, maps, strict=True):
+                whole[y:y_end, x:x_end] = part[y - y0 : y_end - y0, x - x0 : x_end - x0]
+    return tuple(out)
 
 
 @torch.no_grad()
@@ -185,8 +200,8 @@ def _predict_maps_once(
     overlap: int = 64,
     batch: int = 2,
     precision: str = "fp32",
-) -> tuple[np.ndarray, np.ndarray]:
-    """The detection and segmentation probability maps of an RGB image of any size.
+) -> tuple[np.ndarray, ...]:
+    """The probability maps of an RGB image of any size: detection, segmentation (and the class output's).
 
     Args:
         model: The network (eval mode).
@@ -198,7 +213,7 @@ def _predict_maps_once(
         precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast on the model's device (fp16 on GPUs only).
 
     Returns:
-        ``(detection, segmentation)``, float32 ``(h, w)`` each.
+        ``(detection, segmentation)`` (and ``lymphocyte`` for a network with a class output), float32 ``(h, w)``.
     """
     multiple = 2**model.config.depth
     device = next(model.parameters()).device
@@ -213,7 +228,7 @@ def _predict_maps_once(
     if max(H, W) <= 1.5 * tile:
         tile = max(H, W)
     grid = tile_grid((H, W), tile, max(0, min(overlap, tile - multiple)), edge="shift")
-    total = np.zeros((2, H, W), np.float32)
+    total = np.zeros((2 + model.config.classes, H, W), np.float32)
     weight = np.zeros((H, W), np.float32)
     for start in range(0, len(grid), batch):
         group = grid[start : start + batch]
@@ -230,7 +245,7 @@ def _predict_maps_once(
                 total[:, y : y + th, x0 : x0 + tw] += maps * wt
                 weight[y : y + th, x0 : x0 + tw] += wt
     total /= weight
-    return total[0, :h, :w], total[1, :h, :w]
+    return tuple(total[c, :h, :w] for c in range(total.shape[0]))
 
 
 def model_extent(hw: tuple[int, int], mpp: float, model_mpp: float) -> tuple[int, int]:
@@ -303,10 +318,13 @@ def segment_image(
     if size_h * size_w > MAX_PIXELS:
         raise PysynthError(f"image is {size_w}×{size_h} px at {info.mpp:g} µm/px: too large for segment (use infer)")
     scaled = to_model_grid(rgb, mpp, info.mpp)
-    det, seg = predict_maps(model, scaled, tile=core, context=context, precision=precision, tta=tta)
-    found = find_instances(det, seg, instances or info.instances)
+    classes = bool(model.config.classes)
+    maps = predict_maps(model, scaled, tile=core, context=context, precision=precision, tta=tta, classes=classes)
+    found = find_instances(maps[0], maps[1], instances or info.instances)
+    if classes:
+        found = found.with_classes(maps[2])
     labels = to_image_grid(found.labels, (h, w), mpp, info.mpp)
-    return Instances(labels, found.confidence, found.detection_peak)
+    return replace(found, labels=labels)
 
 
 def segment_rgb(
@@ -326,13 +344,32 @@ def segment_rgb(
 #: QuPath measurement names of the per-nucleus confidences (``segment`` and ``infer`` alike).
 CONFIDENCE = "Confidence"
 DETECTION_PEAK = "Detection peak"
+#: QuPath measurement name of the class output's per-nucleus lymphocyte probability.
+LYMPHOCYTE_PROBABILITY = "Lymphocyte probability"
+#: QuPath classifications: a nucleus, or a nucleus called a lymphocyte (with their display colours, RGB).
+NUCLEUS, LYMPHOCYTE = "Nucleus", "Lymphocyte"
+CLASS_COLOURS = {NUCLEUS: (0, 255, 0), LYMPHOCYTE: (0, 160, 255)}
 
 
-def geojson(labels: np.ndarray, *, name: str = "", measurements: dict[str, np.ndarray] | None = None) -> dict:
+def classification(name: str) -> dict[str, Any]:
+    """A QuPath ``classification`` object: its name and display colour ``[r, g, b]``, as QuPath writes them."""
+    r, g, b = CLASS_COLOURS[name]
+    return {"name": name, "color": [r, g, b]}
+
+
+def geojson(
+    labels: np.ndarray,
+    *,
+    name: str = "",
+    measurements: dict[str, np.ndarray] | None = None,
+    lymphocyte: np.ndarray | None = None,
+) -> dict:
     """Instance outlines as a GeoJSON FeatureCollection in pixel coordinates (x right, y down; QuPath-compatible).
 
     ``measurements`` maps a QuPath measurement name to an array indexed by label (e.g.
     ``{"Confidence": instances.confidence}``); each feature carries them under ``properties.measurements``.
+    ``lymphocyte`` (bool indexed by label) classifies each feature ``Lymphocyte`` or ``Nucleus``; without it every
+    feature is a ``Nucleus``.
     """
     features = []
     areas = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1) if labels.size else np.zeros(1)
@@ -341,9 +378,10 @@ def geojson(labels: np.ndarray, *, name: str = "", measurements: dict[str, np.nd
             continue
         coords = [[int(x), int(y)] for x, y in ring]
         coords.append(coords[0])
+        kind = LYMPHOCYTE if lymphocyte is not None and lymphocyte[k] else NUCLEUS
         properties = {
             "objectType": "detection",
-            "classification": {"name": "Nucleus"},
+            "classification": classification(kind) if lymphocyte is not None else {"name": NUCLEUS},
             "label": k,
             "area_px": int(areas[k]),
         }
@@ -360,12 +398,24 @@ def geojson(labels: np.ndarray, *, name: str = "", measurements: dict[str, np.nd
     return {"type": "FeatureCollection", "name": name, "features": features}
 
 
-def overlay(rgb: np.ndarray, labels: np.ndarray, colour: tuple[int, int, int] = (0, 255, 0)) -> np.ndarray:
-    """The image with every instance's outline drawn (inner boundary pixels)."""
+def overlay(
+    rgb: np.ndarray,
+    labels: np.ndarray,
+    colour: tuple[int, int, int] = (0, 255, 0),
+    lymphocyte: np.ndarray | None = None,
+) -> np.ndarray:
+    """The image with every instance's outline drawn (inner boundary pixels); lymphocytes in their own colour.
+
+    ``lymphocyte`` is bool indexed by label (None: every outline in ``colour``).
+    """
     from pysynth.synth.store import outline_mask
 
     out = rgb.copy()
-    out[outline_mask(labels)] = colour
+    edge = outline_mask(labels)
+    out[edge] = colour
+    if lymphocyte is not None and labels.size:
+        called = np.asarray(lymphocyte, bool)
+        out[edge & called[np.minimum(labels, len(called) - 1)]] = CLASS_COLOURS[LYMPHOCYTE]
     return out
 
 
@@ -388,17 +438,30 @@ def output_paths(out_dir: Path, stem: str, n_instances: int | None = None) -> Ou
 
 
 def write_outputs(
-    out_dir: Path, stem: str, rgb: np.ndarray, labels: np.ndarray | Instances, *, mpp: float | None = None
+    out_dir: Path,
+    stem: str,
+    rgb: np.ndarray,
+    labels: np.ndarray | Instances,
+    *,
+    mpp: float | None = None,
+    lymphocyte_threshold: float = 0.5,
 ) -> Outputs:
     """Write the three outputs of one image atomically (the labels last: their presence marks a finished image).
 
     Given :class:`~pysynth.instances.Instances`, the GeoJSON features carry their ``Confidence`` and ``Detection
     peak`` measurements; given ``mpp`` (µm/px of the labels' grid) also ``Area µm^2``, ``Perimeter µm`` and the
-    shape features of :func:`pysynth.shape.shape_features` (after those two).
+    shape features of :func:`pysynth.shape.shape_features` (after those two). Instances of a network with a class
+    output also carry ``Lymphocyte probability`` and are classified ``Lymphocyte`` at ``lymphocyte_threshold``
+    or above (else ``Nucleus``); the overlay draws lymphocytes in their own colour.
     """
     measurements = None
+    called = None
     if isinstance(labels, Instances):
         measurements = {CONFIDENCE: labels.confidence, DETECTION_PEAK: labels.detection_peak}
+        if labels.lymphocyte is not None:
+            measurements[LYMPHOCYTE_PROBABILITY] = labels.lymphocyte
+            called = labels.lymphocyte >= lymphocyte_threshold
+            called[0] = False
         labels = labels.labels
     if mpp is not None:
         from pysynth.shape import shape_features
@@ -406,9 +469,9 @@ def write_outputs(
         measurements = {**(measurements or {}), **shape_features(labels, mpp).measurements()}
     n = int(labels.max()) if labels.size else 0
     paths = output_paths(out_dir, stem, n)
-    text = json.dumps(geojson(labels, name=stem, measurements=measurements), separators=(",", ":"))
+    text = json.dumps(geojson(labels, name=stem, measurements=measurements, lymphocyte=called), separators=(",", ":"))
     atomic_write_text(paths.geojson, text)
-    picture = cv2.cvtColor(overlay(rgb, labels), cv2.COLOR_RGB2BGR)
+    picture = cv2.cvtColor(overlay(rgb, labels, lymphocyte=called), cv2.COLOR_RGB2BGR)
     atomic_write_bytes(paths.overlay, cv2.imencode(".png", picture)[1].tobytes())
     if paths.labels.suffix == ".tif":
         data = cv2.imencode(".tif", labels.astype(np.int32))[1].tobytes()

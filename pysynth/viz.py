@@ -145,3 +145,33 @@ def line_plot(
         image, xlabel + (" (log y)" if log_y else ""), (w // 2 - 40, h - 8), font, 1.0, (0, 0, 0), 1, cv2.LINE_AA
     )
     return image
+
+
+def heatmap_over(thumbnail: np.ndarray, grid: np.ndarray, *, label: str = "", alpha: float = 0.55) -> np.ndarray:
+    """A grid of values (NaN: no value) as a colour map blended over a thumbnail, with a scale bar (RGB ``uint8``).
+
+    The grid is stretched over the whole thumbnail (cell edges kept sharp); colours run from 0 to the grid's 99th
+    percentile (OpenCV's "inferno" map); cells without a value show the thumbnail alone. A strip below the picture
+    gives the scale and ``label``.
+    """
+    if thumbnail.shape[1] < 256:  # a small image's thumbnail is a few pixels: enlarged, so the scale fits
+        factor = math.ceil(256 / thumbnail.shape[1])
+        thumbnail = cv2.resize(thumbnail, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+    h, w = thumbnail.shape[:2]
+    values = np.asarray(grid, np.float64)
+    finite = np.isfinite(values)
+    top = float(np.percentile(values[finite], 99)) if finite.any() else 0.0
+    top = top if top > 0 else 1.0
+    scaled = np.where(finite, np.clip(values / top, 0, 1) * 255, 0).astype(np.uint8)
+    colours = cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+    colours = cv2.resize(colours, (w, h), interpolation=cv2.INTER_NEAREST)
+    mask = cv2.resize(finite.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    out = thumbnail.copy()
+    out[mask] = (alpha * colours[mask] + (1 - alpha) * thumbnail[mask]).round().astype(np.uint8)
+    strip = np.full((28, w, 3), 255, np.uint8)
+    bar_w = max(10, min(200, w // 3))
+    ramp = cv2.applyColorMap(np.linspace(0, 255, bar_w).astype(np.uint8)[None, :].repeat(10, 0), cv2.COLORMAP_INFERNO)
+    strip[4:14, 4 : 4 + bar_w] = cv2.cvtColor(ramp, cv2.COLOR_BGR2RGB)
+    text = fit_caption(f"0 - {top:.0f} {label}".replace("²", "2").replace("µ", "u"), max(10, w - bar_w - 12))
+    cv2.putText(strip, text, (bar_w + 8, 14), _CAPTION_FONT, _CAPTION_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.vstack([out, strip])

@@ -48,6 +48,16 @@ class ModelInfo:
     instances: InstanceConfig
     extra: dict[str, Any]
 
+    @property
+    def has_classes(self) -> bool:
+        """Whether the network has a class output (per-nucleus lymphocyte probability)."""
+        return bool(self.unet.classes)
+
+    @property
+    def lymphocyte_threshold(self) -> float:
+        """A nucleus whose lymphocyte probability is at least this is called a lymphocyte (model.json, or 0.5)."""
+        return float((self.extra.get("classes") or {}).get("lymphocyte_threshold", 0.5))
+
 
 def default_model_dir() -> Path:
     """The model shipped with the package."""

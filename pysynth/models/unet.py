@@ -22,18 +22,23 @@ class UNetConfig:
         width: Channels of the first level; each level below doubles them.
         depth: Number of 2× downsamplings; inputs must be divisible by ``2**depth`` (see :func:`pad_to_multiple`).
         max_width: Cap on channels at the deepest levels.
+        classes: Class outputs after detection and segmentation: 0 (none) or 1 (per-pixel lymphocyte probability
+            on nuclear pixels).
     """
 
     in_channels: int = 3
     width: int = 16
     depth: int = 4
     max_width: int = 256
+    classes: int = 0
 
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.width < 1 or self.max_width < self.width:
             raise ValueError(f"UNetConfig: bad channel counts {self}")
         if not 1 <= self.depth <= 7:
             raise ValueError(f"UNetConfig.depth must be in 1..7, got {self.depth}")
+        if self.classes not in (0, 1):
+            raise ValueError(f"UNetConfig.classes must be 0 or 1, got {self.classes}")
 
     def to_dict(self) -> dict:
         """JSON-able form."""
@@ -52,14 +57,15 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """Encoder-decoder with skip connections and two 1×1 output heads (logits).
+    """Encoder-decoder with skip connections and 1×1 output heads (logits): two, or three with a class output.
 
     Args:
         config: The network's shape.
 
     Shape:
         - Input: ``(N, C, H, W)``, float, H and W divisible by ``2**depth``.
-        - Output: ``(N, 2, H, W)`` logits; channel 0 is nucleus-centre detection, channel 1 nuclear pixels.
+        - Output: ``(N, 2 + classes, H, W)`` logits; channel 0 is nucleus-centre detection, channel 1 nuclear
+          pixels, channel 2 (with ``classes = 1``) lymphocyte on nuclear pixels.
     """
 
     def __init__(self, config: UNetConfig | None = None) -> None:
@@ -70,7 +76,7 @@ class UNet(nn.Module):
         self.down = nn.ModuleList([_block(c.in_channels, widths[0])])
         self.down.extend(_block(widths[i - 1], widths[i]) for i in range(1, c.depth + 1))
         self.up = nn.ModuleList(_block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(c.depth)))
-        self.head = nn.Conv2d(widths[0], 2, 1)
+        self.head = nn.Conv2d(widths[0], 2 + c.classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for detection and segmentation (see the class' Shape)."""

@@ -66,6 +66,19 @@ class SynthConfig:
         transplant_fraction: Share of each patch's nuclei that are real nuclei of the tile (banked by the guide),
             pasted with their own pixels (optical density added to the background) and the guide's mask as label,
             beside the random polygons. Needs ``guide``.
+        red_cell_rate: Mean count of red-blood-cell clusters per 400×400 px (unlabelled negatives in their own
+            colour, :mod:`pysynth.synth.negatives`; counts scale with the patch's area in µm²).
+        fibre_rate: Mean count of pink-to-purple fibres per 400×400 px (unlabelled negatives).
+        pigment_rate: Mean count of brown pigment clumps per 400×400 px (unlabelled negatives).
+        lymphocyte_fraction: Mean share of a patch's synthetic nuclei drawn as lymphocytes
+            (:mod:`pysynth.synth.lymphocytes`: small, round, dark; Beta-distributed per patch). 0: no lymphocytes,
+            every synthetic nucleus is of class "other" (the recipes of the models shipped before the class output).
+        lymphocyte_diameter: Mean and sd of a lymphocyte nucleus' diameter in µm (clipped to ±40% of the mean), before
+            the section cuts it (:func:`pysynth.synth.lymphocytes.profile_diameter`).
+        section_thickness: Thickness of the tissue section in µm: what a section shows of a round nucleus depends on
+            it (the usual 3-5 µm of H&E sections).
+        lymphocyte_clustering: Share of a patch's lymphocytes placed in clusters (infiltrates).
+        lymphocyte_dark_quantile: Lymphocytes take the tile's real nuclear densities above this quantile.
     """
 
     size: int = 200
@@ -105,6 +118,14 @@ class SynthConfig:
     guide_confident: float = 0.8
     darkness_floor: float = 0.0
     transplant_fraction: float = 0.0
+    red_cell_rate: float = 0.0
+    fibre_rate: float = 0.0
+    pigment_rate: float = 0.0
+    lymphocyte_fraction: float = 0.25
+    lymphocyte_diameter: tuple[float, float] = (6.0, 0.6)
+    section_thickness: float = 4.0
+    lymphocyte_clustering: float = 0.6
+    lymphocyte_dark_quantile: float = 0.75
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str) -> None:
@@ -151,6 +172,13 @@ class SynthConfig:
         check(0.0 <= self.guide_confident <= 1.0, "guide_confident")
         check(0.0 <= self.darkness_floor < 1.0, "darkness_floor")
         check(0.0 <= self.transplant_fraction <= 1.0, "transplant_fraction")
+        for name in ("red_cell_rate", "fibre_rate", "pigment_rate"):
+            check(0.0 <= getattr(self, name) <= 100.0, name)
+        check(0.0 <= self.lymphocyte_fraction <= 1.0, "lymphocyte_fraction")
+        check(2.0 <= self.lymphocyte_diameter[0] <= 20.0 and self.lymphocyte_diameter[1] >= 0, "lymphocyte_diameter")
+        check(0.0 <= self.lymphocyte_clustering <= 1.0, "lymphocyte_clustering")
+        check(0.0 <= self.section_thickness <= 20.0, "section_thickness")
+        check(0.0 <= self.lymphocyte_dark_quantile < 1.0, "lymphocyte_dark_quantile")
         if self.transplant_fraction > 0 and not self.guide:
             raise ValueError("SynthConfig.transplant_fraction needs a guide model (SynthConfig.guide)")
 

@@ -236,6 +236,7 @@ def synth_schema(size: int):
             "image": Field("uint8", (size, size, 3)),
             "labels": Field("uint16", (size, size)),
             "centres": Field("float32", (None, 2)),
+            "classes": Field("uint8", (None,)),
             "xy": Field("int32", (4,)),
         }
     )
@@ -276,7 +277,13 @@ class SynthMaker:
         k = int(rng.integers(len(self._sources)))
         patch = synthesize_patch(self._sources[k], rng, self._config)
         xy = np.array([*patch.patch_xy, *patch.reference_xy], np.int32)
-        arrays = {"image": patch.image, "labels": patch.labels, "centres": patch.centres, "xy": xy}
+        arrays = {
+            "image": patch.image,
+            "labels": patch.labels,
+            "centres": patch.centres,
+            "classes": patch.classes,
+            "xy": xy,
+        }
         return arrays, {"source": k, "seed": seed, "index": index}
 
 
@@ -417,7 +424,12 @@ def _check_earlier_dataset(out_dir: Path, attrs: dict, overwrite: bool) -> None:
 
 
 def write_preview(dataset_dir: str | Path, count: int = 24) -> Path:
-    """``preview.png``: synthetic patches, the same with label outlines, and their real reference patches."""
+    """``preview.png``: synthetic patches, the same with label outlines, and their real reference patches.
+
+    Outlines are green, those of synthetic lymphocytes blue (the colours of ``segment``'s and ``infer``'s overlays).
+    """
+    from pysynth.segment import CLASS_COLOURS, LYMPHOCYTE
+    from pysynth.synth.lymphocytes import LYMPHOCYTE as LYMPHOCYTE_CODE
     from pysynth.synth.store import outline_mask
     from pysynth.viz import contact_sheet
 
@@ -426,9 +438,17 @@ def write_preview(dataset_dir: str | Path, count: int = 24) -> Path:
     for i in np.linspace(0, len(ds) - 1, min(count, len(ds))).astype(int)[: count // 3 * 3 or 1]:
         item = ds[int(i)]
         outlined = item["image"].copy()
-        outlined[outline_mask(item["labels"])] = (0, 255, 0)
+        edge = outline_mask(item["labels"])
+        outlined[edge] = (0, 255, 0)
+        lymphocytes = 0
+        if "classes" in item and len(item["classes"]):
+            codes = np.concatenate([[0], item["classes"]])
+            is_lym = codes[np.minimum(item["labels"], len(codes) - 1)] == LYMPHOCYTE_CODE
+            outlined[edge & is_lym] = CLASS_COLOURS[LYMPHOCYTE]
+            lymphocytes = int((item["classes"] == LYMPHOCYTE_CODE).sum())
         images += [item["image"], outlined, item["reference"]]
-        captions += [f"#{i}", f"#{i} {len(item['centres'])} nuclei", "real"]
+        extra = f", {lymphocytes} lymph." if lymphocytes else ""
+        captions += [f"#{i}", f"#{i} {len(item['centres'])} nuclei{extra}", "real"]
     sheet = contact_sheet(images, captions, columns=9)
     path = Path(dataset_dir) / "preview.png"
     atomic_write_bytes(path, cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))[1].tobytes())

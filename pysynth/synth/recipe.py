@@ -22,6 +22,7 @@ import numpy as np
 
 from pysynth.synth.config import SynthConfig
 from pysynth.synth.guide import NucleusBank
+from pysynth.synth.lymphocytes import LYMPHOCYTE, UNKNOWN, add_lymphocytes, lymphocyte_count, lymphocyte_darkness
 from pysynth.synth.source import SourceTile
 
 _BANK_SIDE = 1024
@@ -39,6 +40,8 @@ class SynthPatch:
         centres: Centre of each nucleus, float32 ``(n, 2)`` as ``(x, y)`` px; row k is label k+1.
         reference_xy: Top-left ``(x, y)`` in the source tile of the reference patch (another crop of the same tile).
         patch_xy: Top-left ``(x, y)`` in the source tile of the background crop.
+        classes: Class of each nucleus, uint8 ``(n,)`` (row k is label k+1; :mod:`pysynth.synth.lymphocytes`:
+            0 other, 1 lymphocyte, 255 unknown for transplanted real nuclei).
     """
 
     image: np.ndarray
@@ -46,6 +49,11 @@ class SynthPatch:
     centres: np.ndarray
     reference_xy: tuple[int, int]
     patch_xy: tuple[int, int]
+    classes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.classes is None:
+            self.classes = np.zeros(len(self.centres), np.uint8)
 
 
 @cache
@@ -175,7 +183,11 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
     transplants = 0
     if config.transplant_fraction > 0 and source.bank is not None and len(source.bank) and count:
         transplants = int(rng.binomial(count, config.transplant_fraction))
-    labels, centres = draw_patch_nuclei(rng, tissue, config, count - transplants, size_factor)
+    lymphocytes = lymphocyte_count(rng, count - transplants, config)
+    labels, centres = draw_patch_nuclei(rng, tissue, config, count - transplants - lymphocytes, size_factor)
+    others = len(centres)
+    if lymphocytes:
+        labels, centres, lymphocytes = add_lymphocytes(rng, tissue, labels, centres, lymphocytes, config)
     n = len(centres)
 
     labels16 = labels.astype(np.uint16)
@@ -186,8 +198,13 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
     soft = blur_mask(fg, config.blur_sigma[1])
     darkness = source.darkness[rng.integers(0, len(source.darkness), n + 1)].astype(np.float32)
     darkness *= rng.uniform(1 - config.darkness_jitter, 1 + config.darkness_jitter, n + 1).astype(np.float32)
+    if lymphocytes:
+        darkness[others + 1 :] = lymphocyte_darkness(rng, source.darkness, lymphocytes, config)
     np.maximum(darkness, np.float32(max(config.min_darkness, source.darkness_min)), out=darkness)
     jitter = rng.uniform(1 - config.colour_jitter, 1 + config.colour_jitter, 6)
+    gain = _crop(rng, smooth_bank(), s)
+    cleared = rng.random(n + 1) < config.clear_chromatin
+    cleared[others + 1 :] = False  # dense chromatin
     image = paint_nuclei(
         source.background[py : py + s, px : px + s],
         labels,
@@ -195,9 +212,9 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
         region,
         sharp,
         soft,
-        _crop(rng, smooth_bank(), s),
+        gain,
         darkness,
-        rng.random(n + 1) < config.clear_chromatin,
+        cleared,
         source.texture[ty : ty + s, tx : tx + s],
         _crop(rng, noise_bank(), s),
         _crop(rng, smooth_bank(), s),
@@ -214,9 +231,16 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
         extra=distractors(rng, s, config),
         check_labels=False,  # labels 1..n come from draw_nuclei and darkness has n + 1 entries
     )
+    if config.red_cell_rate or config.fibre_rate or config.pigment_rate:
+        from pysynth.synth.negatives import paint_negatives
+
+        image = paint_negatives(rng, image, labels16, source.stain, config)
+    classes = np.zeros(n, np.uint8)
+    classes[others:] = LYMPHOCYTE
     if transplants:
         image, labels16, centres = transplant_nuclei(rng, image, labels16, centres, tissue, source.bank, transplants)
-    return SynthPatch(image, labels16, centres, (rx, ry), (px, py))
+        classes = np.concatenate([classes, np.full(len(centres) - n, UNKNOWN, np.uint8)])
+    return SynthPatch(image, labels16, centres, (rx, ry), (px, py), classes)
 
 
 _FEATHER = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))

@@ -32,6 +32,8 @@ class TrainConfig:
         warmup: Warm-up steps.
         weight_decay: AdamW weight decay.
         dice_weight: Weight of the soft Dice term added to the BCE of each head.
+        class_weight: Weight of the class head's loss (BCE over the nuclear pixels of synthetic nuclei with a
+            known class), when ``model.classes`` is 1.
         detection_target: ``"core"`` (each nucleus' inner part, see :func:`pysynth.train.targets.core_targets`)
             or ``"centre"`` (the dilated centre pixel, as the released code did).
         core_fraction: Depth of the core, as a fraction of the nucleus' largest inner distance.
@@ -57,6 +59,7 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 1e-4
     dice_weight: float = 0.5
+    class_weight: float = 1.0
     detection_target: str = "core"
     core_fraction: float = 0.5
     border: int = 8
@@ -78,6 +81,8 @@ class TrainConfig:
         for name in ("warmup", "snapshot_every", "border", "threads"):
             if getattr(self, name) < 0:
                 bad(name, "must be non-negative")
+        if self.class_weight < 0:
+            bad("class_weight", "must be non-negative")
         if self.lr <= 0 or self.weight_decay < 0 or self.dice_weight < 0:
             bad("lr", "and weight_decay, dice_weight must be positive / non-negative")
         if self.crop % 2**self.model.depth or self.crop < 2**self.model.depth:

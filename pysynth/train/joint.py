@@ -450,6 +450,11 @@ def train_joint(
         PysynthError: If ``out_dir`` holds a run with other settings (unless ``overwrite``), its checkpoint is
             corrupt or does not fit, the data cannot be used, or the patches are too small for D.
     """
+    if config.model.classes:
+        raise PysynthError(
+            "a network with a class output (model.classes: 1) is trained without --gan for now: "
+            "joint refiner training does not carry nucleus classes"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     claim_run(

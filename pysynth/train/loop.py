@@ -29,7 +29,14 @@ from pysynth.models.io import normalise, save_model
 from pysynth.models.unet import UNet
 from pysynth.train.augment import augment
 from pysynth.train.config import TrainConfig, dump_config
-from pysynth.train.targets import IGNORE_LABEL, border_weights, core_targets, make_targets, two_head_loss
+from pysynth.train.targets import (
+    IGNORE_LABEL,
+    border_weights,
+    class_targets,
+    core_targets,
+    make_targets,
+    two_head_loss,
+)
 
 log = logging.getLogger("pysynth")
 
@@ -39,6 +46,8 @@ SOURCES_FILE = "sources.yaml"
 CHECKPOINT_FORMAT = "pysynth-segmenter-checkpoint"
 CHECKPOINT_VERSION = 1
 LOSS_COLUMNS = ("step", "loss", "bce_detection", "bce_segmentation", "lr", "wall_s")
+#: The losses columns of a network with a class output.
+CLASS_LOSS_COLUMNS = ("step", "loss", "bce_detection", "bce_segmentation", "bce_lymphocyte", "lr", "wall_s")
 SNAPSHOTS = "snapshots"
 WORK = "work"
 #: Validation items come from their own stream, far from any training index.
@@ -68,12 +77,23 @@ class ItemMaker:
         """Arrays ``image`` (s, s, 3) uint8, ``detection``/``segmentation``/``weights`` (s, s) float32, ``labels``."""
         arrays, _ = self.source(index)
         # A per-sample loss weight travels with the item when its source gives one (importance weights); else 1.
-        return self.finish(index, arrays["image"], arrays["labels"], arrays.get("weight", 1.0))
+        return self.finish(
+            index, arrays["image"], arrays["labels"], arrays.get("weight", 1.0), classes=arrays.get("classes")
+        )
 
-    def finish(self, index: int, image: np.ndarray, labels: np.ndarray, weight: float = 1.0) -> dict[str, np.ndarray]:
+    def finish(
+        self,
+        index: int,
+        image: np.ndarray,
+        labels: np.ndarray,
+        weight: float = 1.0,
+        classes: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
         """Item ``index`` made from a given patch: its augmentation (from ``(seed, index)``) and targets.
 
-        Joint training calls this on the refined patch in place of the source's initial one.
+        Joint training calls this on the refined patch in place of the source's initial one. With a class output
+        (``config.model.classes``) the item also has ``lymphocyte`` and ``class_weights`` from ``classes`` (one
+        code per label, :mod:`pysynth.synth.lymphocytes`; None: no class known, e.g. a pseudo-labelled crop).
         """
         from pysynth.synth.store import item_rng
 
@@ -81,7 +101,7 @@ class ItemMaker:
         rng = item_rng(c.seed + 7_919, index)
         image, labels, valid = augment(image, labels, rng, c.augment, c.crop)
         det, seg, weights = item_targets(labels, valid, c)
-        return {
+        item = {
             "image": image,
             "detection": det,
             "segmentation": seg,
@@ -89,6 +109,11 @@ class ItemMaker:
             "labels": labels,
             "sample_weight": np.float32(weight),
         }
+        if c.model.classes:
+            lymphocyte, known = class_targets(np.where(labels == IGNORE_LABEL, 0, labels), classes)
+            item["lymphocyte"], item["class_weights"] = lymphocyte, known * weights
+            item["classes"] = np.zeros(0, np.uint8) if classes is None else np.asarray(classes, np.uint8)
+        return item
 
 
 def item_targets(
@@ -137,8 +162,16 @@ def make_source(
             epoch, k = divmod(i, n)
             order = np.random.default_rng([config.seed, epoch]).permutation(n)
             item = dataset[int(order[k])]
+            if config.model.classes and "classes" not in item:
+                raise PysynthError(
+                    f"{synthetic}: the dataset has no nucleus classes (made by an earlier pysynth); a network with "
+                    "a class output needs them: make it again with `pysynth synthesize`"
+                )
             # xy (patch and reference positions in the source tile) lets joint training crop the reference.
-            return {"image": item["image"], "labels": item["labels"], "xy": item["xy"]}, item["meta"]
+            arrays = {"image": item["image"], "labels": item["labels"], "xy": item["xy"]}
+            if "classes" in item:
+                arrays["classes"] = item["classes"]
+            return arrays, item["meta"]
 
         return from_dataset
     from pysynth.synth.generate import streaming_dataset
@@ -275,8 +308,9 @@ def _lr_at(step: int, config: TrainConfig) -> float:
 def _batch_tensors(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     images = torch.from_numpy(np.stack([it["image"] for it in items])).permute(0, 3, 1, 2)
     out = {"image": normalise(images).contiguous(memory_format=torch.channels_last)}
-    for key in ("detection", "segmentation", "weights", "sample_weight"):
-        out[key] = torch.from_numpy(np.stack([it[key] for it in items]))
+    for key in ("detection", "segmentation", "weights", "sample_weight", "lymphocyte", "class_weights"):
+        if key in items[0]:
+            out[key] = torch.from_numpy(np.stack([it[key] for it in items]))
     return out
 
 
@@ -377,6 +411,51 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+#: The lymphocyte threshold of a model with a class output: the decision boundary of a network trained by
+#: cross-entropy on classes it was shown in equal terms; chosen without labels (real or synthetic).
+LYMPHOCYTE_THRESHOLD = 0.5
+
+
+def class_validation(maps: np.ndarray, items: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """The class output on held-out synthetic patches: per-nucleus lymphocyte AUROC, and F1 at the threshold.
+
+    Each synthetic nucleus of a known class scores the mean lymphocyte probability over its true pixels. These are
+    synthetic nuclei: the numbers say the network learnt the synthetic classes, not how it does on real tissue.
+    """
+    from pysynth.metrics import auroc
+    from pysynth.synth.lymphocytes import LYMPHOCYTE, UNKNOWN
+
+    scores, truth = [], []
+    for m, it in zip(maps, items, strict=True):
+        labels, classes = it["labels"], it.get("classes")
+        n = int(labels.max())
+        if classes is None or n == 0:
+            continue
+        counts = np.bincount(labels.ravel(), minlength=n + 1)
+        sums = np.bincount(labels.ravel(), weights=m[2].ravel(), minlength=n + 1)
+        codes = np.full(n + 1, UNKNOWN, np.uint8)
+        codes[1 : min(n, len(classes)) + 1] = classes[:n]
+        keep = (counts > 0) & (codes != UNKNOWN)
+        keep[0] = False
+        scores.append(sums[keep] / counts[keep])
+        truth.append(codes[keep] == LYMPHOCYTE)
+    s = np.concatenate(scores) if scores else np.zeros(0)
+    y = np.concatenate(truth) if truth else np.zeros(0, bool)
+    called = s >= LYMPHOCYTE_THRESHOLD
+    tp = int((called & y).sum())
+    f1 = 2 * tp / max(1, int(called.sum()) + int(y.sum()))
+    return {
+        "names": ["Lymphocyte"],
+        "lymphocyte_threshold": LYMPHOCYTE_THRESHOLD,
+        "synthetic_validation": {
+            "nuclei": len(s),
+            "lymphocytes": int(y.sum()),
+            "auroc": round(auroc(s, y), 4) if len(s) else None,
+            "f1": round(f1, 4),
+        },
+    }
+
+
 def _plot_losses(rows: list[dict[str, float]], path: Path) -> None:
     from pysynth.viz import line_plot
 
@@ -393,20 +472,36 @@ def _plot_losses(rows: list[dict[str, float]], path: Path) -> None:
 def init_segmenter(model: UNet, config: TrainConfig) -> None:
     """Load the weights of ``config.init`` (a model folder) into ``model``; nothing when it is empty.
 
+    A model without a class output may start a network with one (the shipped segmenter gaining the class output):
+    every weight is copied, the output layer's detection and segmentation channels too, and only the new class
+    channel keeps its random initialisation; a model with a class output may start one without (its class channel
+    is dropped).
+
     Raises:
         PysynthError: If the folder is not a model, or its network has another shape than ``config.model``.
     """
     if not config.init:
         return
-    from pysynth.models.io import load_model
+    from dataclasses import replace as _replace
 
-    start, info = load_model(config.init)
-    if info.unet != config.model:
+    from pysynth.models.io import load_model, resolve_model_dir
+
+    start, info = load_model(resolve_model_dir(config.init))
+    same_body = _replace(info.unet, classes=config.model.classes) == config.model
+    if not same_body:
         raise PysynthError(
             f"{config.init}: its network ({info.unet}) is not the one configured for training ({config.model}); "
             "set model: in the config to match it"
         )
-    model.load_state_dict(start.state_dict())
+    state = start.state_dict()
+    if info.unet.classes != config.model.classes:  # the output layer gains or drops the class channel
+        own = model.state_dict()
+        for key in ("head.weight", "head.bias"):
+            resized = own[key].clone()
+            keep = min(len(resized), len(state[key]))
+            resized[:keep] = state[key][:keep]
+            state[key] = resized
+    model.load_state_dict(state)
 
 
 def train(
@@ -447,6 +542,10 @@ def train(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     device = torch.device(device)
+    if config.model.classes and synthetic is None and config.synth.lymphocyte_fraction <= 0:
+        raise PysynthError(
+            "model.classes is 1 but synth.lymphocyte_fraction is 0: the class output would never see a lymphocyte"
+        )
     model = UNet(config.model).to(device, memory_format=torch.channels_last)
     init_segmenter(model, config)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -479,7 +578,7 @@ def train(
         state.update({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "rows": rows})
         state["window"] = [[loss, parts] for loss, parts in window]
         _atomic_torch_save(state, checkpoint_path)
-        write_losses(out_dir, rows, LOSS_COLUMNS)
+        write_losses(out_dir, rows, CLASS_LOSS_COLUMNS if config.model.classes else LOSS_COLUMNS)
 
     model.train()
     with StopAtStepEnd() as stop, ThreadPoolExecutor(1) as pool:  # the next batch is made while this one trains
@@ -502,6 +601,9 @@ def train(
                 batch["weights"],
                 batch["sample_weight"],
                 dice_weight=config.dice_weight,
+                lymphocyte=batch.get("lymphocyte"),
+                class_weights=batch.get("class_weights"),
+                class_weight=config.class_weight,
             )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -516,6 +618,11 @@ def train(
                     "loss": float(np.mean([w[0] for w in window])),
                     "bce_detection": float(np.mean([w[1]["bce_detection"] for w in window])),
                     "bce_segmentation": float(np.mean([w[1]["bce_segmentation"] for w in window])),
+                    **(
+                        {"bce_lymphocyte": float(np.mean([w[1]["bce_lymphocyte"] for w in window]))}
+                        if config.model.classes
+                        else {}
+                    ),
                     "lr": lr,
                     "wall_s": round(wall, 2),
                 }
@@ -552,6 +659,12 @@ def train(
         "train": json.loads(json.dumps(config.to_dict())),
         "validation": table[0],
     }
+    if config.model.classes:
+        summary["classes"] = class_validation(maps, val_items)
+    if config.init:  # the starting model by its weights: its name or folder may hold another model later
+        from pysynth.models.io import model_digest, resolve_model_dir
+
+        summary["init_digest"] = model_digest(resolve_model_dir(config.init))
     if config.synth.guide:  # the guide by its weights: its name may point to another model later
         from pysynth.synth.generate import guide_digest
 

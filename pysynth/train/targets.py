@@ -86,6 +86,28 @@ def border_weights(shape_hw: tuple[int, int], border: int, low: float = 0.01) ->
     return weights
 
 
+def class_targets(labels: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Lymphocyte target and class mask of a patch: ``(lymphocyte, known)``, float32 ``(H, W)`` each.
+
+    ``lymphocyte`` is 1 on the pixels of nuclei of class 1; ``known`` is 1 on nuclear pixels whose nucleus has a
+    class (0 or 1; not 255, unknown), so the class loss covers nuclei only. Without ``classes`` (real crops,
+    pseudo-labels) nothing is known.
+    """
+    from pysynth.synth.lymphocytes import LYMPHOCYTE, UNKNOWN
+
+    if classes is None or labels.max() == 0:
+        zero = np.zeros(labels.shape, np.float32)
+        return zero, zero.copy()
+    n = int(labels.max())
+    codes = np.full(n + 1, UNKNOWN, np.uint8)
+    k = min(n, len(classes))
+    codes[1 : k + 1] = np.asarray(classes, np.uint8)[:k]
+    per_pixel = codes[labels]
+    lymphocyte = (per_pixel == LYMPHOCYTE).astype(np.float32)
+    known = ((labels > 0) & (per_pixel != UNKNOWN)).astype(np.float32)
+    return lymphocyte, known
+
+
 def two_head_loss(
     logits: torch.Tensor,
     detection: torch.Tensor,
@@ -94,6 +116,9 @@ def two_head_loss(
     sample_weights: torch.Tensor | None = None,
     *,
     dice_weight: float = 0.0,
+    lymphocyte: torch.Tensor | None = None,
+    class_weights: torch.Tensor | None = None,
+    class_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Pixel-weighted binary cross-entropy of both heads, each sample's loss scaled by its weight.
 
@@ -107,15 +132,21 @@ def two_head_loss(
         pixel_weights: ``(H, W)`` or ``(N, H, W)`` non-negative weights.
         sample_weights: ``(N,)`` non-negative weights (default 1).
         dice_weight: Weight of a pixel-weighted soft Dice loss per head and sample, added to the BCE (0: BCE only).
+        lymphocyte: ``(N, H, W)`` class target of channel 2 (with a three-channel ``logits``).
+        class_weights: ``(N, H, W)`` its pixel weights (nuclear pixels of a known class, times the pixel weights).
+        class_weight: Weight of the class term: the BCE of channel 2 averaged over all class-weighted pixels of the
+            batch (each sample's pixels scaled by its sample weight), so it is a per-nucleus-pixel mean.
 
     Returns:
         ``(loss, parts)``: the scalar loss and the unweighted mean BCE of each head, for logging.
 
     Shape:
-        - logits: ``(N, 2, H, W)``; targets ``(N, H, W)``; output: scalar.
+        - logits: ``(N, 2, H, W)`` (or ``(N, 3, H, W)`` with class targets); targets ``(N, H, W)``; output: scalar.
     """
-    if logits.ndim != 4 or logits.shape[1] != 2:
-        raise ValueError(f"logits must be (N, 2, H, W), got {tuple(logits.shape)}")
+    if logits.ndim != 4 or logits.shape[1] not in (2, 3):
+        raise ValueError(f"logits must be (N, 2, H, W) or (N, 3, H, W), got {tuple(logits.shape)}")
+    if (lymphocyte is None) != (class_weights is None) or (lymphocyte is not None and logits.shape[1] != 3):
+        raise ValueError("class targets need both lymphocyte and class_weights, and three-channel logits")
     n = logits.shape[0]
     weights = pixel_weights.expand(n, *logits.shape[-2:]) if pixel_weights.ndim == 2 else pixel_weights
     bce_det = F.binary_cross_entropy_with_logits(logits[:, 0], detection, reduction="none")
@@ -128,7 +159,15 @@ def two_head_loss(
     if sample_weights is not None:
         per_sample = per_sample * sample_weights.detach()
     parts = {"bce_detection": float(bce_det.detach().mean()), "bce_segmentation": float(bce_seg.detach().mean())}
-    return per_sample.mean(), parts
+    loss = per_sample.mean()
+    if lymphocyte is not None and class_weights is not None:
+        bce_cls = F.binary_cross_entropy_with_logits(logits[:, 2], lymphocyte, reduction="none")
+        cw = class_weights if sample_weights is None else class_weights * sample_weights.detach()[:, None, None]
+        total = cw.sum()
+        term = (bce_cls * cw).sum() / total.clamp_min(1.0)
+        loss = loss + class_weight * term
+        parts["bce_lymphocyte"] = float(term.detach())
+    return loss, parts
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
