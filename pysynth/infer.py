@@ -649,7 +649,7 @@ def write_density(slide_dir: Path, xy: np.ndarray, reader: SlideReader, tissue: 
     atomic_write_bytes(slide_dir / DENSITY_GRID, buffer.getvalue())
     h0, w0 = reader.level_shapes_hw[0]
     thumb = np.ascontiguousarray(read_thumbnail(reader, max(8.0, max(h0, w0) * reader.mpp / 2000)))
-    picture = heatmap_over(thumb, density, label="lymphocytes / mm² of tissue")
+    picture = heatmap_over(thumb, density, label="lymphocytes/mm² tissue")
     atomic_write_bytes(
         slide_dir / DENSITY_MAP, cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))[1].tobytes()
     )
