@@ -413,32 +413,18 @@ def collect(images_dir: Path, dots_dir: Path, split: Path | None) -> list[tuple[
         PysynthError: If a folder is missing, no image is left, a split name has no image, or an image has no dot
             file.
     """
-    from pysynth.cli.evaluate import _DOT_SUFFIX, _IMAGE_SUFFIXES, _index, _read_split
+    from pysynth.cli.evaluate import _DOT_SUFFIX, _IMAGE_SUFFIXES, _index, listed, split_stems
 
     for what, folder in (("images", images_dir), ("dots", dots_dir)):
         if not folder.is_dir():
             raise PysynthError(f"{folder}: no such {what} folder")
     images = _index(str(images_dir), "", _IMAGE_SUFFIXES)
-
-    def listed(names: list[str]) -> str:
-        return f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-
-    if split is not None:
-        stems = sorted(set(_read_split(str(split))))
-        lacking = [s for s in stems if s not in images]
-        if len(lacking) == len(stems):
-            raise PysynthError(f"{split}: none of its {len(stems)} image(s) is in {images_dir}")
-        if lacking:
-            raise PysynthError(f"{split}: {len(lacking)} listed image(s) not in {images_dir}: {listed(lacking)}")
-    else:
-        stems = sorted(images)
-        if not stems:
-            raise PysynthError(f"{images_dir}: no images (.png, .tif, .jpg)")
+    stems = split_stems(split, images, "an image (.png, .tif, .jpg)", str(images_dir))
     missing = [s for s in stems if not (dots_dir / f"{s}{_DOT_SUFFIX}").is_file()]
     if missing:
         raise PysynthError(
             f"{dots_dir}: no dot file <stem>{_DOT_SUFFIX} for {len(missing)} of {len(stems)} image(s): "
-            f"{listed(missing)}"
+            f"{listed(missing, 3)}"
         )
     return [(s, images[s], dots_dir / f"{s}{_DOT_SUFFIX}") for s in stems]
 

@@ -147,6 +147,33 @@ def _read_split(path: str) -> list[str]:
     return stems
 
 
+def listed(names: list[str], most: int = 5) -> str:
+    """Up to ``most`` names joined by commas, ``...`` when there are more (for one-line errors)."""
+    return f"{', '.join(names[:most])}{' ...' if len(names) > most else ''}"
+
+
+def split_stems(split_file: str | Path | None, available: dict[str, Path], what: str, where: str) -> list[str]:
+    """The stems to use: those a split file lists (each must be in ``available``), or all of ``available``.
+
+    Raises:
+        PysynthError: If a listed stem is not available (none of them: said so), or nothing is available.
+    """
+    from pysynth.errors import PysynthError
+
+    if split_file is not None:
+        stems = sorted(set(_read_split(str(split_file))))
+        lacking = [s for s in stems if s not in available]
+        if lacking and len(lacking) == len(stems):
+            raise PysynthError(f"{split_file}: no {what} in {where} for any of its {len(stems)} image(s)")
+        if lacking:
+            raise PysynthError(f"{split_file}: no {what} in {where} for {listed(lacking)}")
+        return stems
+    stems = sorted(available)
+    if not stems:
+        raise PysynthError(f"{where}: no {what}")
+    return stems
+
+
 def _select(
     annotated: dict[str, Path],
     preds: dict[str, Path],
@@ -159,18 +186,7 @@ def _select(
     """The stems to score: every annotated one (of the split), each of which must have a prediction."""
     from pysynth.errors import PysynthError
 
-    def listed(names: list[str]) -> str:
-        return f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-
-    if split_file is not None:
-        stems = sorted(set(_read_split(split_file)))
-        lacking = [s for s in stems if s not in annotated]
-        if lacking:
-            raise PysynthError(f"{split_file}: no {what} in {where} for {listed(lacking)}")
-    else:
-        stems = sorted(annotated)
-        if not stems:
-            raise PysynthError(f"{where}: no {what}")
+    stems = split_stems(split_file, annotated, what, where)
     missing = [s for s in stems if s not in preds]
     if missing:
         raise PysynthError(

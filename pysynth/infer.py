@@ -557,10 +557,14 @@ def _write_outputs(
     count and density (empty without a class output).
     """
     started = time.perf_counter()
+    classes_wanted = lymphocyte_threshold is not None and tissue is not None
     h0, w0 = reader.level_shapes_hw[0]
     o_mpp = max(config.overlay_mpp, max(h0, w0) * reader.mpp / 8000)
     thumb = np.ascontiguousarray(read_thumbnail(reader, o_mpp))
     scale = reader.mpp / o_mpp  # overlay px per level-0 px
+    # The density map's background: the thumbnail before the outlines, at a quarter of the overlay's size.
+    quarter = (max(1, thumb.shape[1] // 4), max(1, thumb.shape[0] // 4))
+    plain = cv2.resize(thumb, quarter, interpolation=cv2.INTER_AREA) if classes_wanted else None
     csv_dir = slide_dir / CSV_DIR
     csv_dir.mkdir(exist_ok=True)
     f = mpp / reader.mpp
@@ -589,31 +593,31 @@ def _write_outputs(
         out.write("]}\n")
     atomic_write_bytes(slide_dir / OVERLAY, cv2.imencode(".png", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))[1].tobytes())
     classes: dict[str, Any] = {}
-    if lymphocyte_threshold is not None and tissue is not None:
+    if plain is not None and tissue is not None:
         tissue_mm2 = tissue.area_um2() / 1e6
         classes = {
             "lymphocytes": len(lymphocyte_xy),
             "lymphocyte_threshold": lymphocyte_threshold,
             "lymphocytes_per_mm2": round(len(lymphocyte_xy) / tissue_mm2, 2) if tissue_mm2 > 0 else None,
-            **write_density(slide_dir, np.array(lymphocyte_xy, np.float64).reshape(-1, 2), reader, tissue),
+            **write_density(slide_dir, np.array(lymphocyte_xy, np.float64).reshape(-1, 2), plain, tissue),
         }
     return count, time.perf_counter() - started, classes
 
 
 def density_grid(
-    xy: np.ndarray, tissue: TissueMask, level0_mpp: float, cell_um: float = DENSITY_CELL_UM, min_tissue: float = 0.1
+    xy: np.ndarray, tissue: TissueMask, cell_um: float = DENSITY_CELL_UM, min_tissue: float = 0.1
 ) -> np.ndarray:
     """Nuclei per mm² of tissue in square cells of ``cell_um`` over the slide (float32; NaN off tissue).
 
     Args:
         xy: ``(n, 2)`` centroids in level-0 px.
-        tissue: The slide's tissue mask (its area per cell is the denominator).
-        level0_mpp: µm per level-0 px.
+        tissue: The slide's tissue mask (its area per cell is the denominator; its µm per level-0 px is
+            ``tissue.mpp / tissue.scale``).
         cell_um: Side of a cell.
         min_tissue: Cells with less tissue than this share of their area are NaN (an edge sliver's density is
             noise).
     """
-    cell = cell_um / level0_mpp  # level-0 px per cell
+    cell = cell_um / (tissue.mpp / tissue.scale)  # level-0 px per cell
     h0 = tissue.mask.shape[0] * tissue.scale
     w0 = tissue.mask.shape[1] * tissue.scale
     rows, cols = max(1, math.ceil(h0 / cell)), max(1, math.ceil(w0 / cell))
@@ -637,19 +641,20 @@ def density_grid(
     return density.astype(np.float32)
 
 
-def write_density(slide_dir: Path, xy: np.ndarray, reader: SlideReader, tissue: TissueMask) -> dict[str, Any]:
-    """Write the lymphocyte density grid (``.npy``) and its heatmap over the thumbnail; returns their description."""
+def write_density(slide_dir: Path, xy: np.ndarray, thumbnail: np.ndarray, tissue: TissueMask) -> dict[str, Any]:
+    """Write the lymphocyte density grid (``.npy``) and its heatmap over ``thumbnail``; returns their description.
+
+    ``xy`` are the lymphocytes' centroids in level-0 px; ``thumbnail`` is the whole slide at any scale.
+    """
     import io as _io
 
     from pysynth.viz import heatmap_over
 
-    density = density_grid(xy, tissue, reader.mpp)
+    density = density_grid(xy, tissue)
     buffer = _io.BytesIO()
     np.save(buffer, density)
     atomic_write_bytes(slide_dir / DENSITY_GRID, buffer.getvalue())
-    h0, w0 = reader.level_shapes_hw[0]
-    thumb = np.ascontiguousarray(read_thumbnail(reader, max(8.0, max(h0, w0) * reader.mpp / 2000)))
-    picture = heatmap_over(thumb, density, label="lymphocytes/mm² tissue")
+    picture = heatmap_over(thumbnail, density, label="lymphocytes/mm² tissue")
     atomic_write_bytes(
         slide_dir / DENSITY_MAP, cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))[1].tobytes()
     )
@@ -816,6 +821,18 @@ def infer_slide(
         atomic_write_text(parts / f"{region.index:06d}.json", json.dumps(record, separators=(",", ":")))
         return len(nuclei), t1 - t0, time.perf_counter() - t1
 
+    def run_network(network: Any, normalised: np.ndarray) -> tuple[np.ndarray, ...]:
+        side = config.tile or max(normalised.shape[:2])
+        return predict_maps(
+            network,
+            normalised,
+            tile=side,
+            context=config.tile_context,
+            precision=config.precision,
+            tta=config.tta,
+            classes=classes,
+        )
+
     done = resumed
 
     def collect(post: Future) -> None:
@@ -842,32 +859,15 @@ def infer_slide(
             timings.normalise += t_norm
             pending_read = reader_pool.submit(load, todo[i + 1]) if i + 1 < len(todo) else None
             t0 = time.perf_counter()
-            side = config.tile or max(normalised.shape[:2])
             try:
-                maps = predict_maps(
-                    net,
-                    normalised,
-                    tile=side,
-                    context=config.tile_context,
-                    precision=config.precision,
-                    tta=config.tta,
-                    classes=classes,
-                )
+                maps = run_network(net, normalised)
             except Exception as exc:  # torch.compile's backends raise many types (no compiler, unsupported op)
                 if net is model:
                     raise
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 log.warning("torch.compile failed (%s); the network runs eagerly", first)
                 net = model
-                maps = predict_maps(
-                    net,
-                    normalised,
-                    tile=side,
-                    context=config.tile_context,
-                    precision=config.precision,
-                    tta=config.tta,
-                    classes=classes,
-                )
+                maps = run_network(net, normalised)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             timings.network += time.perf_counter() - t0

@@ -157,12 +157,9 @@ def instance_confidence(
     flat = labels.ravel()
     n = int(flat.max()) + 1 if flat.size else 1
     where = np.flatnonzero(flat)
-    ids = flat[where]
-    count = np.bincount(ids, minlength=n)
-    mean_seg = np.bincount(ids, weights=segmentation.ravel()[where], minlength=n) / np.maximum(count, 1)
     peak = np.zeros(n, np.float64)
-    np.maximum.at(peak, ids, detection.ravel()[where])
-    return mean_seg, peak
+    np.maximum.at(peak, flat[where], detection.ravel()[where])
+    return instance_means(labels, segmentation), peak
 
 
 def instance_means(labels: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -229,7 +229,7 @@ def test_bad_inputs_exit_1_with_one_line(tmp_path, fake_model, capsys):
     split = tmp_path / "split.txt"
     split.write_text("other.png\nmore.png\n")
     assert classes.main([str(images), str(dots), "--input-mpp", "0.5", "--split", str(split)]) == 1
-    assert "none of its 2 image(s)" in _one_error_line(capsys)
+    assert "for any of its 2 image(s)" in _one_error_line(capsys)
 
     split.write_text("tile.png\n")  # the split leaves out the image without dots: fine
     assert classes.main([str(images), str(dots), "--input-mpp", "0.5", "--split", str(split)]) == 0

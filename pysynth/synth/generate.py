@@ -430,6 +430,7 @@ def write_preview(dataset_dir: str | Path, count: int = 24) -> Path:
     """
     from pysynth.segment import CLASS_COLOURS, LYMPHOCYTE
     from pysynth.synth.lymphocytes import LYMPHOCYTE as LYMPHOCYTE_CODE
+    from pysynth.synth.lymphocytes import label_classes
     from pysynth.synth.store import outline_mask
     from pysynth.viz import contact_sheet
 
@@ -442,8 +443,7 @@ def write_preview(dataset_dir: str | Path, count: int = 24) -> Path:
         outlined[edge] = (0, 255, 0)
         lymphocytes = 0
         if "classes" in item and len(item["classes"]):
-            codes = np.concatenate([[0], item["classes"]])
-            is_lym = codes[np.minimum(item["labels"], len(codes) - 1)] == LYMPHOCYTE_CODE
+            is_lym = label_classes(item["classes"], int(item["labels"].max()))[item["labels"]] == LYMPHOCYTE_CODE
             outlined[edge & is_lym] = CLASS_COLOURS[LYMPHOCYTE]
             lymphocytes = int((item["classes"] == LYMPHOCYTE_CODE).sum())
         images += [item["image"], outlined, item["reference"]]

@@ -35,6 +35,19 @@ CLASS_NAMES = {OTHER: "other", LYMPHOCYTE: "lymphocyte", UNKNOWN: "unknown"}
 _SHIFT = 4  # fillPoly sub-pixel bits
 
 
+def label_classes(classes: np.ndarray | None, n: int) -> np.ndarray:
+    """Class code of each label 0..n, uint8 ``(n + 1,)``.
+
+    Label k gets ``classes[k - 1]``; the background and labels ``classes`` does not cover (all of them, without
+    ``classes``) get :data:`UNKNOWN`.
+    """
+    codes = np.full(n + 1, UNKNOWN, np.uint8)
+    if classes is not None:
+        k = min(n, len(classes))
+        codes[1 : k + 1] = np.asarray(classes, np.uint8)[:k]
+    return codes
+
+
 def lymphocyte_count(rng: np.random.Generator, count: int, config: SynthConfig) -> int:
     """How many of a patch's ``count`` synthetic nuclei are lymphocytes.
 

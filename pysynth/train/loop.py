@@ -423,7 +423,7 @@ def class_validation(maps: np.ndarray, items: Sequence[dict[str, np.ndarray]]) -
     synthetic nuclei: the numbers say the network learnt the synthetic classes, not how it does on real tissue.
     """
     from pysynth.metrics import auroc
-    from pysynth.synth.lymphocytes import LYMPHOCYTE, UNKNOWN
+    from pysynth.synth.lymphocytes import LYMPHOCYTE, UNKNOWN, label_classes
 
     scores, truth = [], []
     for m, it in zip(maps, items, strict=True):
@@ -433,8 +433,7 @@ def class_validation(maps: np.ndarray, items: Sequence[dict[str, np.ndarray]]) -
             continue
         counts = np.bincount(labels.ravel(), minlength=n + 1)
         sums = np.bincount(labels.ravel(), weights=m[2].ravel(), minlength=n + 1)
-        codes = np.full(n + 1, UNKNOWN, np.uint8)
-        codes[1 : min(n, len(classes)) + 1] = classes[:n]
+        codes = label_classes(classes, n)
         keep = (counts > 0) & (codes != UNKNOWN)
         keep[0] = False
         scores.append(sums[keep] / counts[keep])
@@ -482,12 +481,10 @@ def init_segmenter(model: UNet, config: TrainConfig) -> None:
     """
     if not config.init:
         return
-    from dataclasses import replace as _replace
-
     from pysynth.models.io import load_model, resolve_model_dir
 
     start, info = load_model(resolve_model_dir(config.init))
-    same_body = _replace(info.unet, classes=config.model.classes) == config.model
+    same_body = replace(info.unet, classes=config.model.classes) == config.model
     if not same_body:
         raise PysynthError(
             f"{config.init}: its network ({info.unet}) is not the one configured for training ({config.model}); "

@@ -93,16 +93,12 @@ def class_targets(labels: np.ndarray, classes: np.ndarray | None) -> tuple[np.nd
     class (0 or 1; not 255, unknown), so the class loss covers nuclei only. Without ``classes`` (real crops,
     pseudo-labels) nothing is known.
     """
-    from pysynth.synth.lymphocytes import LYMPHOCYTE, UNKNOWN
+    from pysynth.synth.lymphocytes import LYMPHOCYTE, UNKNOWN, label_classes
 
     if classes is None or labels.max() == 0:
         zero = np.zeros(labels.shape, np.float32)
         return zero, zero.copy()
-    n = int(labels.max())
-    codes = np.full(n + 1, UNKNOWN, np.uint8)
-    k = min(n, len(classes))
-    codes[1 : k + 1] = np.asarray(classes, np.uint8)[:k]
-    per_pixel = codes[labels]
+    per_pixel = label_classes(classes, int(labels.max()))[labels]
     lymphocyte = (per_pixel == LYMPHOCYTE).astype(np.float32)
     known = ((labels > 0) & (per_pixel != UNKNOWN)).astype(np.float32)
     return lymphocyte, known

@@ -154,11 +154,11 @@ def test_density_grid_counts_per_mm2_of_tissue() -> None:
     mask[:, 150:] = True
     tissue = TissueMask(mask, 10.0, 10.0)
     xy = np.array([[50.0, 50.0]] * 4 + [[1500.0, 20.0]] * 2 + [[1200.0, 900.0]])  # level-0 px
-    grid = density_grid(xy, tissue, level0_mpp=1.0, cell_um=1000.0)
+    grid = density_grid(xy, tissue, cell_um=1000.0)
     assert grid.shape == (1, 2)
     assert grid[0, 0] == pytest.approx(4 / 1.0)  # 4 per mm² of tissue
     assert grid[0, 1] == pytest.approx(3 / 0.5)  # 3 in half a mm² of tissue
-    small = density_grid(xy, tissue, level0_mpp=1.0, cell_um=500.0)
+    small = density_grid(xy, tissue, cell_um=500.0)
     assert small.shape == (2, 4)
     assert np.isnan(small[0, 2])
     assert np.isnan(small[1, 2])
