@@ -411,8 +411,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-#: The lymphocyte threshold of a model with a class output: the decision boundary of a network trained by
-#: cross-entropy on classes it was shown in equal terms; chosen without labels (real or synthetic).
+#: The lymphocyte threshold of a model with a class output: the decision boundary of an output trained by
+#: cross-entropy (calibrated to the synthetic share of lymphocytes); chosen without labels, real or synthetic.
 LYMPHOCYTE_THRESHOLD = 0.5
 
 
@@ -422,6 +422,7 @@ def class_validation(maps: np.ndarray, items: Sequence[dict[str, np.ndarray]]) -
     Each synthetic nucleus of a known class scores the mean lymphocyte probability over its true pixels. These are
     synthetic nuclei: the numbers say the network learnt the synthetic classes, not how it does on real tissue.
     """
+    from pysynth.instances import instance_means
     from pysynth.metrics import auroc
     from pysynth.synth.lymphocytes import LYMPHOCYTE, UNKNOWN, label_classes
 
@@ -431,12 +432,9 @@ def class_validation(maps: np.ndarray, items: Sequence[dict[str, np.ndarray]]) -
         n = int(labels.max())
         if classes is None or n == 0:
             continue
-        counts = np.bincount(labels.ravel(), minlength=n + 1)
-        sums = np.bincount(labels.ravel(), weights=m[2].ravel(), minlength=n + 1)
         codes = label_classes(classes, n)
-        keep = (counts > 0) & (codes != UNKNOWN)
-        keep[0] = False
-        scores.append(sums[keep] / counts[keep])
+        keep = (np.bincount(labels.ravel(), minlength=n + 1) > 0) & (codes != UNKNOWN)
+        scores.append(instance_means(labels, m[2])[keep])
         truth.append(codes[keep] == LYMPHOCYTE)
     s = np.concatenate(scores) if scores else np.zeros(0)
     y = np.concatenate(truth) if truth else np.zeros(0, bool)
