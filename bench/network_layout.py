@@ -47,13 +47,9 @@ def _best(fn, n: int = 3) -> float:
 
 def _iou_misses(a: np.ndarray, b: np.ndarray) -> int:
     """Instances of ``a`` whose best IoU with an instance of ``b`` is below 0.95."""
-    na, nb = int(a.max()), int(b.max())
-    both = (a > 0) & (b > 0)
-    pairs = np.bincount(a[both].astype(np.int64) * (nb + 1) + b[both], minlength=(na + 1) * (nb + 1))
-    inter = pairs.reshape(na + 1, nb + 1)
-    area_a, area_b = np.bincount(a.ravel(), minlength=na + 1), np.bincount(b.ravel(), minlength=nb + 1)
-    iou = inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1)
-    return int(np.sum(iou[1:, 1:].max(axis=1, initial=0) < 0.95))
+    from pysynth.metrics import best_iou
+
+    return int(np.sum(best_iou(a, b) < 0.95))
 
 
 def run(threads: int = 2) -> dict[str, Any]:

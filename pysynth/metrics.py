@@ -51,6 +51,16 @@ def overlap_table(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndar
     return table[1:, 1:], table[1:, :].sum(axis=1), table[:, 1:].sum(axis=0)
 
 
+def best_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Best IoU with an instance of ``b`` of each instance of ``a`` (in increasing label order; 0 without overlap).
+
+    How two label maps of the same image agree instance by instance (e.g. tiled against one-pass inference).
+    """
+    inter, area_a, area_b = overlap_table(a, b)
+    iou = inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1)
+    return iou.max(axis=1, initial=0)
+
+
 def score(gt: np.ndarray, pred: np.ndarray) -> Scores:
     """Dice1, Dice2, DICE avg, AJI and PQ (with DQ and SQ) of a predicted label map against the ground truth.
 

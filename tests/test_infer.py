@@ -54,13 +54,9 @@ def _run(reader, model_info, out: Path, **kw) -> tuple[list[dict], dict]:
 
 def _match(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int, int]:
     """Best IoU in ``b`` of each instance of ``a``; and the instance counts."""
-    na, nb = int(a.max()), int(b.max())
-    both = (a > 0) & (b > 0)
-    pairs = np.bincount(a[both].astype(np.int64) * (nb + 1) + b[both], minlength=(na + 1) * (nb + 1))
-    inter = pairs.reshape(na + 1, nb + 1)
-    area_a, area_b = np.bincount(a.ravel(), minlength=na + 1), np.bincount(b.ravel(), minlength=nb + 1)
-    iou = inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1)
-    return iou[1:, 1:].max(axis=1, initial=0), na, nb
+    from pysynth.metrics import best_iou
+
+    return best_iou(a, b), len(np.unique(a[a > 0])), len(np.unique(b[b > 0]))
 
 
 def test_regions_tiled_with_margins_give_the_nuclei_of_one_pass(tmp_path, model_info, tissue_40x):

@@ -110,3 +110,16 @@ def test_evaluate_bad_input(run_cli, tmp_path) -> None:
     assert "differs from the ground truth" in shape.error_lines()[0]
     nowhere = run_cli("evaluate", "--pred", tmp_path / "nope", "--gt", tmp_path / "gt")
     assert nowhere.code == 2
+
+
+def test_best_iou_of_each_instance() -> None:
+    from pysynth.metrics import best_iou
+
+    a = np.zeros((10, 10), np.int32)
+    a[0:4, 0:4] = 1  # 16 px
+    a[6:10, 6:10] = 7  # no partner in b
+    b = np.zeros((10, 10), np.int32)
+    b[0:4, 0:2] = 3  # 8 px inside a's first instance
+    b[0:4, 2:4] = 5  # the other 8 px
+    np.testing.assert_allclose(best_iou(a, b), [0.5, 0.0])
+    np.testing.assert_allclose(best_iou(b, a), [0.5, 0.5])
