@@ -54,7 +54,7 @@ def _iou_misses(a: np.ndarray, b: np.ndarray) -> int:
 
 def run(threads: int = 2) -> dict[str, Any]:
     """Every section; returns the JSON-able results."""
-    import pysynth.infer as infer_module
+    import pysynth.infer.config as infer_config
     from pysynth import data_path
     from pysynth.infer import InferConfig, infer_slide, inference_model, keep_freed_memory, rasterise
     from pysynth.io import ArrayReader, open_slide, read_region
@@ -111,8 +111,8 @@ def run(threads: int = 2) -> dict[str, Any]:
             features = json.loads((Path(tmp) / "nuclei.geojson").read_text())["features"]
         return rasterise(features, region.shape[:2])
 
-    limit = infer_module.MIN_MARGIN
-    infer_module.MIN_MARGIN = 0  # measure the margins the CLI refuses too
+    limit = infer_config.MIN_MARGIN
+    infer_config.MIN_MARGIN = 0  # measure the margins the CLI refuses too
     try:
         whole = nuclei(InferConfig(core=2048))
         seams = {}
@@ -131,7 +131,7 @@ def run(threads: int = 2) -> dict[str, Any]:
                 "nuclei": int(tiled.max()), "one_pass": int(whole.max()), "iou_below_0.95": _iou_misses(whole, tiled)
             }  # fmt: skip
     finally:
-        infer_module.MIN_MARGIN = limit
+        infer_config.MIN_MARGIN = limit
     out["seams"] = seams
     return out
 

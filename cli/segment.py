@@ -60,16 +60,14 @@ def segment_command(
     import time
     from dataclasses import replace
 
-    import torch
     from tqdm import tqdm
 
     from pysynth.errors import PysynthError, SlideError
     from pysynth.fsutil import prepare_output_dir
-    from pysynth.infer import keep_freed_memory
+    from pysynth.infer import inference_model, keep_freed_memory
     from pysynth.io import open_slide, read_region
     from pysynth.ledger import Ledger, file_identity
-    from pysynth.models.io import load_model, model_digest, resolve_model_dir
-    from pysynth.models.unet import fold_batchnorm
+    from pysynth.models.io import model_digest, resolve_model_dir
     from pysynth.segment import MAX_PIXELS, output_paths, resolve_device, segment_image, write_outputs
     from pysynth.sources import collect_sources
 
@@ -77,9 +75,9 @@ def segment_command(
     keep_freed_memory()  # the network's large activations are reused, not mapped afresh (infer does the same)
     paths = collect_sources(images)
     folder = resolve_model_dir(model_dir)
-    model, info = load_model(folder)
+    model, info = inference_model(str(folder))  # loaded, BatchNorm folded and channels-last, as infer runs it
     dev = resolve_device(device)
-    model = fold_batchnorm(model).to(dev).to(memory_format=torch.channels_last)
+    model = model.to(dev)
     precision = resolve_precision(precision, dev.type)
     instances = info.instances if min_confidence is None else replace(info.instances, min_confidence=min_confidence)
     if lymphocyte_threshold is not None and not info.has_classes:

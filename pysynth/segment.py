@@ -15,7 +15,6 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -27,6 +26,16 @@ from pysynth.instances import InstanceConfig, Instances, find_instances, trace_c
 from pysynth.io.grid import tile_grid
 from pysynth.models.io import ModelInfo, normalise
 from pysynth.models.unet import UNet
+from pysynth.qupath import (  # noqa: F401 (the names segment's users import from here)
+    CLASS_COLOURS,
+    CONFIDENCE,
+    DETECTION_PEAK,
+    LYMPHOCYTE,
+    LYMPHOCYTE_PROBABILITY,
+    NUCLEUS,
+    classification,
+    detection,
+)
 
 #: Largest image `segment` reads whole, in pixels at the model's resolution (whole slides: `pysynth infer`).
 MAX_PIXELS = 400_000_000
@@ -341,22 +350,6 @@ def segment_rgb(
     return segment_image(model, info, rgb, mpp, instances, precision=precision, tta=tta).labels
 
 
-#: QuPath measurement names of the per-nucleus confidences (``segment`` and ``infer`` alike).
-CONFIDENCE = "Confidence"
-DETECTION_PEAK = "Detection peak"
-#: QuPath measurement name of the class output's per-nucleus lymphocyte probability.
-LYMPHOCYTE_PROBABILITY = "Lymphocyte probability"
-#: QuPath classifications: a nucleus, or a nucleus called a lymphocyte (with their display colours, RGB).
-NUCLEUS, LYMPHOCYTE = "Nucleus", "Lymphocyte"
-CLASS_COLOURS = {NUCLEUS: (0, 255, 0), LYMPHOCYTE: (0, 160, 255)}
-
-
-def classification(name: str) -> dict[str, Any]:
-    """A QuPath ``classification`` object: its name and display colour ``[r, g, b]``, as QuPath writes them."""
-    r, g, b = CLASS_COLOURS[name]
-    return {"name": name, "color": [r, g, b]}
-
-
 def geojson(
     labels: np.ndarray,
     *,
@@ -376,25 +369,11 @@ def geojson(
     for k, ring in enumerate(trace_contours(labels), start=1):
         if len(ring) < 3:
             continue
+        kind = None if lymphocyte is None else (LYMPHOCYTE if lymphocyte[k] else NUCLEUS)
+        values = None if not measurements else {key: round(float(v[k]), 4) for key, v in measurements.items()}
         coords = [[int(x), int(y)] for x, y in ring]
-        coords.append(coords[0])
-        kind = LYMPHOCYTE if lymphocyte is not None and lymphocyte[k] else NUCLEUS
-        properties = {
-            "objectType": "detection",
-            "classification": classification(kind) if lymphocyte is not None else {"name": NUCLEUS},
-            "label": k,
-            "area_px": int(areas[k]),
-        }
-        if measurements:
-            properties["measurements"] = {key: round(float(v[k]), 4) for key, v in measurements.items()}
-        features.append(
-            {
-                "type": "Feature",
-                "id": k,
-                "geometry": {"type": "Polygon", "coordinates": [coords]},
-                "properties": properties,
-            }
-        )
+        properties = {"label": k, "area_px": int(areas[k])}
+        features.append(detection(k, coords, kind=kind, measurements=values, properties=properties))
     return {"type": "FeatureCollection", "name": name, "features": features}
 
 

@@ -54,7 +54,7 @@ def test_a_slide_failing_for_any_reason_fails_alone(run_cli, tmp_path, tissue_rg
             raise cv2.error("OpenCV(5.0) error: (-215:Assertion failed) !ssize.empty() in function 'resize'")
         return real(reader, model, info, slide_dir, **kw)
 
-    monkeypatch.setattr(infer_module, "infer_slide", flaky)
+    monkeypatch.setattr(infer_module.run, "infer_slide", flaky)
     r = run_cli("infer", bad, good, "--input-mpp", "0.5", "--out", tmp_path / "out")
     assert r.code == 1
     assert any("bad.png: cv2.error: OpenCV(5.0) error" in line for line in r.error_lines()), r.err

@@ -516,7 +516,7 @@ def test_compiled_network_gives_the_nuclei_of_eager_and_falls_back_when_it_canno
         def forward(self, x):
             raise RuntimeError("no C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(infer_module, "_COMPILED", {})
+    monkeypatch.setattr(infer_module.network, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", lambda model, **kw: Broken(model))
     with caplog.at_level("WARNING", logger="pysynth"):
         fallback, _ = _run(

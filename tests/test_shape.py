@@ -272,7 +272,7 @@ def _nuclei_maps(size: int = 160) -> tuple[np.ndarray, np.ndarray, list[tuple[fl
 
 
 def test_region_nuclei_carry_the_shape_features_of_the_labels() -> None:
-    from pysynth.infer import Region, _feature, region_nuclei
+    from pysynth.infer import Region, feature, region_nuclei
     from pysynth.instances import InstanceConfig, find_instances
 
     det, seg, _ = _nuclei_maps()
@@ -292,7 +292,7 @@ def test_region_nuclei_carry_the_shape_features_of_the_labels() -> None:
         assert nuc["orientation_deg"] == pytest.approx(expected.orientation_deg[k], abs=0.01)
         # A circle of the same area is at most a little longer than the (sub-pixel) perimeter's circle.
         assert nuc["perimeter_um"] >= 0.97 * 2 * math.sqrt(math.pi * nuc["area_um2"])
-        measurements = _feature(nuc, i + 1)["properties"]["measurements"]
+        measurements = feature(nuc, i + 1)["properties"]["measurements"]
         for key, name in MEASUREMENT_NAMES.items():
             assert measurements[name] == nuc[key]
         assert list(measurements)[:8] == list(MEASUREMENT_NAMES.values())
