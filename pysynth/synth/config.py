@@ -15,7 +15,13 @@ class SynthConfig:
 
     Attributes:
         size: Side of a synthetic patch.
-        mpp: Resolution of synthesis in µm/px (sources are resampled to it).
+        mpp: Resolution of synthesis in µm/px (sources are resampled to it). Every size in px is px at this
+            resolution; the defaults are calibrated at 0.25 µm/px (40x).
+        output_mpp: Resolution of the stored patches, the one a model trained on them works at (0: ``mpp``). A
+            coarser one (an integer multiple of ``mpp``, e.g. 0.5 µm/px for a model that runs on 20x slides
+            natively) keeps synthesis at ``mpp``, where its parameters are calibrated: each patch is made
+            ``size · output_mpp / mpp`` px a side and area-averaged down to ``size`` px, its labels by the
+            majority of each block (:func:`pysynth.synth.recipe.downsample_patch`).
         vertices: Range of polygon vertex counts (inclusive).
         irregularity: Angular irregularity of vertices, as a fraction of 2π/N (1 in the released code).
         spikiness: Range of the radius spread, as a fraction of the mean radius.
@@ -83,6 +89,7 @@ class SynthConfig:
 
     size: int = 200
     mpp: float = 0.25
+    output_mpp: float = 0.0
     vertices: tuple[int, int] = (10, 17)
     irregularity: float = 1.0
     spikiness: tuple[float, float] = (0.04, 0.24)
@@ -138,6 +145,8 @@ class SynthConfig:
 
         check(16 <= self.size <= 4096, "size")
         check(0.05 <= self.mpp <= 2.0, "mpp")
+        ratio = self.output_mpp / self.mpp
+        check(self.output_mpp == 0.0 or (0.999 < ratio <= 8.001 and abs(ratio - round(ratio)) < 1e-6), "output_mpp")
         ordered("vertices", 3)
         check(0.0 <= self.irregularity <= 1.0, "irregularity")
         ordered("spikiness")
@@ -182,9 +191,31 @@ class SynthConfig:
         if self.transplant_fraction > 0 and not self.guide:
             raise ValueError("SynthConfig.transplant_fraction needs a guide model (SynthConfig.guide)")
 
+    @property
+    def model_mpp(self) -> float:
+        """µm/px of the stored patches (and of a model trained on them)."""
+        return self.output_mpp or self.mpp
+
+    @property
+    def factor(self) -> int:
+        """Synthesis px per stored px along a side (1 unless ``output_mpp`` is coarser than ``mpp``)."""
+        return max(1, round(self.model_mpp / self.mpp))
+
+    @property
+    def synth_size(self) -> int:
+        """Side of a patch as synthesis makes it, in px at ``mpp``."""
+        return self.size * self.factor
+
     def to_dict(self) -> dict:
-        """JSON-able form (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-able form (tuples become lists).
+
+        ``output_mpp`` is left out when unset, so the configurations (and the recorded runs and datasets) of
+        versions before it keep their identity.
+        """
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if not out["output_mpp"]:
+            del out["output_mpp"]
+        return out
 
     @classmethod
     def from_dict(cls, values: dict) -> SynthConfig:

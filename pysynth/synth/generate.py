@@ -97,10 +97,9 @@ def collect_real_tiles(
             failures.append(str(exc))
     kept = []
     for name, rgb in tiles:
-        if min(rgb.shape[:2]) < config.size:
-            failures.append(
-                f"{name}: {rgb.shape[1]}×{rgb.shape[0]} px at {config.mpp} µm/px is smaller than --size {config.size}"
-            )
+        if min(rgb.shape[:2]) < config.synth_size:
+            wanted = f"--size {config.size}" + (f" at {config.output_mpp} µm/px" if config.factor > 1 else "")
+            failures.append(f"{name}: {rgb.shape[1]}×{rgb.shape[0]} px at {config.mpp} µm/px is smaller than {wanted}")
         elif tissue_mask_from_rgb(rgb[::4, ::4], 4 * config.mpp).mean() < 0.05:
             failures.append(f"{name}: no tissue")
         else:
@@ -314,8 +313,12 @@ class SyntheticPatches:
                 with np.load(folder / f"{k:05d}.npz") as z:
                     self._rgb.append(z["rgb"])
         s = item["image"].shape[0]
-        rx, ry = int(item["xy"][2]), int(item["xy"][3])
-        item["reference"] = self._rgb[int(item["meta"]["source"])][ry : ry + s, rx : rx + s]
+        factor = SynthConfig.from_dict(self.items.attrs.get("config", {})).factor
+        rx, ry = int(item["xy"][2]), int(item["xy"][3])  # in the source tile, at the synthesis resolution
+        reference = self._rgb[int(item["meta"]["source"])][ry : ry + s * factor, rx : rx + s * factor]
+        if factor > 1:  # at the stored patches' resolution, as the synthesis made them
+            reference = cv2.resize(reference, (s, s), interpolation=cv2.INTER_AREA)
+        item["reference"] = reference
         return item
 
 

@@ -13,7 +13,7 @@ process from a fixed seed, so they cost nothing per patch and do not depend on t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from statistics import NormalDist
 
@@ -172,6 +172,9 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
     """
     from pysynth.synth.paint import paint_nuclei
 
+    if config.factor > 1:  # made at the calibrated resolution, stored at the model's
+        fine = replace(config, size=config.synth_size, output_mpp=0.0)
+        return downsample_patch(synthesize_patch(source, rng, fine), config.factor)
     s = config.size
     th, tw = source.rgb.shape[:2]
     corners = rng.integers(
@@ -241,6 +244,54 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
         image, labels16, centres = transplant_nuclei(rng, image, labels16, centres, tissue, source.bank, transplants)
         classes = np.concatenate([classes, np.full(len(centres) - n, UNKNOWN, np.uint8)])
     return SynthPatch(image, labels16, centres, (rx, ry), (px, py), classes)
+
+
+def block_majority(labels: np.ndarray, factor: int) -> np.ndarray:
+    """Labels ``factor`` times coarser: each block takes the label that covers most of it.
+
+    A tie (e.g. a block half nucleus, half background) goes to the nucleus on one colour of a checkerboard and to
+    the other label on the other, so outlines neither grow nor shrink on average.
+    """
+    h, w = labels.shape[0] // factor, labels.shape[1] // factor
+    blocks = labels[: h * factor, : w * factor].reshape(h, factor, w, factor).transpose(0, 2, 1, 3)
+    blocks = blocks.reshape(h, w, factor * factor)
+    even = (np.arange(h)[:, None] + np.arange(w)[None, :]) % 2 == 0
+    best = blocks[..., 0].copy()
+    best_score = np.full((h, w), -1, np.int64)
+    for j in range(factor * factor):
+        candidate = blocks[..., j]
+        count = (blocks == candidate[..., None]).sum(axis=-1)
+        score = 2 * count + ((candidate != 0) == even)
+        take = score > best_score
+        best[take] = candidate[take]
+        best_score[take] = score[take]
+    return best
+
+
+def downsample_patch(patch: SynthPatch, factor: int) -> SynthPatch:
+    """A patch ``factor`` times coarser: the image area-averaged, labels by block majority, renumbered 1..n.
+
+    Nuclei that no block keeps are dropped with their class; centres are the new labels' centroids (pixel ``i``
+    spans ``[i, i + 1)``); the crop positions stay those of the source tile at the synthesis resolution.
+    """
+    if factor == 1:
+        return patch
+    s = patch.image.shape[0] // factor
+    image = cv2.resize(patch.image[: s * factor, : s * factor], (s, s), interpolation=cv2.INTER_AREA)
+    coarse = block_majority(patch.labels, factor)
+    kept = np.unique(coarse[coarse > 0])
+    lut = np.zeros(int(patch.labels.max()) + 1, np.uint16)
+    lut[kept] = np.arange(1, len(kept) + 1, dtype=np.uint16)
+    labels = lut[coarse]
+    n = len(kept)
+    ys, xs = np.nonzero(labels)
+    ids = labels[ys, xs]
+    count = np.maximum(np.bincount(ids, minlength=n + 1)[1:], 1).astype(np.float64)
+    cx = np.bincount(ids, xs + 0.5, minlength=n + 1)[1:] / count
+    cy = np.bincount(ids, ys + 0.5, minlength=n + 1)[1:] / count
+    centres = np.stack([cx, cy], axis=1).astype(np.float32).reshape(-1, 2)
+    classes = np.asarray(patch.classes)[kept.astype(np.int64) - 1] if n else np.zeros(0, np.uint8)
+    return SynthPatch(image, labels, centres, patch.reference_xy, patch.patch_xy, classes.astype(np.uint8))
 
 
 _FEATHER = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))

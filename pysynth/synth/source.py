@@ -138,8 +138,10 @@ def prepare_source(
 
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"{name}: a source tile must be RGB uint8 (h, w, 3), got {rgb.dtype} {rgb.shape}")
-    if min(rgb.shape[:2]) < config.size:
-        raise ValueError(f"{name}: tile {rgb.shape[1]}×{rgb.shape[0]} px is smaller than a {config.size} px patch")
+    if min(rgb.shape[:2]) < config.synth_size:
+        raise ValueError(
+            f"{name}: tile {rgb.shape[1]}×{rgb.shape[0]} px is smaller than a {config.synth_size} px patch"
+        )
     if guide is not None and guide.labels.shape != rgb.shape[:2]:
         raise ValueError(f"{name}: guide maps {guide.labels.shape} do not fit the tile {rgb.shape[:2]}")
     rgb = np.ascontiguousarray(rgb)

@@ -308,8 +308,13 @@ def adapt(
     info = read_model_info(model_dir)
     if base.model != info.unet:
         base = replace(base, model=info.unet)
-    if abs(base.synth.mpp - info.mpp) > 1e-9:
-        base = replace(base, synth=replace(base.synth, mpp=info.mpp))
+    if abs(base.synth.model_mpp - info.mpp) > 1e-9:
+        ratio = info.mpp / base.synth.mpp
+        if ratio > 1 and abs(ratio - round(ratio)) < 1e-6:  # a coarser model: synthesis stays where it is calibrated
+            synth = replace(base.synth, output_mpp=info.mpp)
+        else:
+            synth = replace(base.synth, mpp=info.mpp, output_mpp=0.0)
+        base = replace(base, synth=synth)
     settings = {
         "format": FORMAT,
         "model": str(Path(model_dir).resolve()),

@@ -455,6 +455,11 @@ def train_joint(
             "a network with a class output (model.classes: 1) is trained without --gan for now: "
             "joint refiner training does not carry nucleus classes"
         )
+    if config.synth.factor > 1:
+        raise PysynthError(
+            f"synth.output_mpp {config.synth.output_mpp} is trained without --gan for now: the refiner's "
+            "reference crops are taken at the synthesis resolution"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     claim_run(
@@ -799,7 +804,7 @@ def _finish(
             for k in range(0, len(val_items), 16)
         ]
     )
-    base = InstanceConfig(min_size=max(1, round(20 * (0.25 / config.synth.mpp) ** 2)))
+    base = InstanceConfig(min_size=max(1, round(20 * (0.25 / config.synth.model_mpp) ** 2)))
     best, table = choose_thresholds(maps, [it["labels"] for it in val_items], base)
     atomic_write_text(out_dir / "validation.json", json.dumps({"chosen": asdict(best), "grid": table}, indent=1) + "\n")
 
@@ -842,5 +847,5 @@ def _finish(
         "collapse_warned": run["warned"],
         "validation": table[0],
     }
-    save_model(out_dir, segmenter, config.synth.mpp, best, summary)
+    save_model(out_dir, segmenter, config.synth.model_mpp, best, summary)
     return summary

@@ -644,7 +644,7 @@ def train(
             for k in range(0, len(val_items), 16)
         ]
     )
-    base = InstanceConfig(min_size=max(1, round(20 * (0.25 / config.synth.mpp) ** 2)))
+    base = InstanceConfig(min_size=max(1, round(20 * (0.25 / config.synth.model_mpp) ** 2)))
     best, table = choose_thresholds(maps, [it["labels"] for it in val_items], base)
     atomic_write_text(out_dir / "validation.json", json.dumps({"chosen": asdict(best), "grid": table}, indent=1) + "\n")
     summary = {
@@ -664,5 +664,5 @@ def train(
         from pysynth.synth.generate import guide_digest
 
         summary["guide_digest"] = guide_digest(config.synth)
-    save_model(out_dir, model, config.synth.mpp, best, summary)
+    save_model(out_dir, model, config.synth.model_mpp, best, summary)
     return summary
