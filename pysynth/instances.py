@@ -292,12 +292,13 @@ def _instances(detection: np.ndarray, segmentation: np.ndarray, config: Instance
         best = order[np.r_[group[1:] != group[:-1], True]]
         seeds.ravel()[best] = np.arange(int(seeds.max()) + 1, int(seeds.max()) + 1 + best.size, dtype=np.int32)
     labels = watershed(-seg, seeds, foreground, connectivity=config.connectivity)
-    return _clean(labels, config.min_size)
+    return _clean(labels, config.min_size, config.connectivity)
 
 
-def _clean(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Fill each instance's holes, drop instances below ``min_size`` px, renumber 1..n in raster order."""
+def _clean(labels: np.ndarray, min_size: int, connectivity: int = 4) -> np.ndarray:
+    """Fill each instance's holes, keep its largest 4-connected part, drop instances below ``min_size`` px, renumber."""
     out = labels.copy()
+    filled = np.zeros(0, np.int64)
     background = (out == 0).astype(np.uint8)
     n_bg, bg_parts = cv2.connectedComponents(background, connectivity=4, ltype=cv2.CV_32S)
     if n_bg > 1:
@@ -325,6 +326,10 @@ def _clean(labels: np.ndarray, min_size: int) -> np.ndarray:
         fill[0] = 0
         fill[border] = 0
         out = np.where(fill[bg_parts] > 0, fill[bg_parts], out)
+        filled = fill[fill > 0]
+    # One 4-connected part each, so outlines agree with pixel counts. A 4-connected watershed gives connected
+    # instances; only a hole joined to its instance at a corner can split one then.
+    out = largest_parts(out, only=None if connectivity == 8 else filled)
     sizes = np.bincount(out.ravel())
     keep = sizes >= min_size
     keep[0] = False
@@ -335,6 +340,69 @@ def _clean(labels: np.ndarray, min_size: int) -> np.ndarray:
     new = np.zeros(int(present.max()) + 1 if present.size else 1, np.int32)
     new[present[np.argsort(first)]] = np.arange(1, present.size + 1, dtype=np.int32)
     return new[out]
+
+
+def largest_parts(labels: np.ndarray, only: np.ndarray | None = None) -> np.ndarray:
+    """Each instance reduced to its largest 4-connected part (the others become background).
+
+    An outline (:func:`trace_contours`) follows one 4-connected part, so an instance in several parts (pieces
+    touching only diagonally, after 8-connected watershed, hole filling or resampling to a coarser grid) would get
+    a polygon that disagrees with its pixel count and measurements. Ties keep the part first in raster order.
+    ``only`` (label ids) limits the work to those instances, each in its bounding box.
+    """
+    labels = np.ascontiguousarray(labels)
+    h, w = labels.shape
+    if labels.size == 0 or not labels.any():
+        return labels
+    if only is not None:
+        out = labels
+        for k in np.unique(np.asarray(only, np.int64)):
+            ys, xs = np.nonzero(labels == k) if k > 0 else ((), ())
+            if len(ys) < 2:
+                continue
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            mine = (labels[y0:y1, x0:x1] == k).astype(np.uint8)
+            n, parts, stats, _ = cv2.connectedComponentsWithStats(mine, connectivity=4, ltype=cv2.CV_32S)
+            if n <= 2:
+                continue
+            area = stats[:, cv2.CC_STAT_AREA]
+            first = np.full(n, parts.size, np.int64)
+            flat = parts.ravel()
+            np.minimum.at(first, flat, np.arange(flat.size))
+            ids = np.arange(1, n)
+            keep = int(ids[np.lexsort((first[ids], -area[ids]))][0])  # the largest, then the first in raster order
+            if out is labels:
+                out = labels.copy()
+            crop = out[y0:y1, x0:x1]
+            crop[(parts > 0) & (parts != keep)] = 0
+        return out
+    # Pixels on the even sites of a grid twice as fine, joined through the odd sites where 4-neighbours share a
+    # label: the 4-connected components of that grid are the parts of equal labels.
+    grid = np.zeros((2 * h - 1, 2 * w - 1), np.uint8)
+    grid[::2, ::2] = labels > 0
+    grid[::2, 1::2] = (labels[:, 1:] == labels[:, :-1]) & (labels[:, 1:] > 0)
+    grid[1::2, ::2] = (labels[1:, :] == labels[:-1, :]) & (labels[1:, :] > 0)
+    n, parts = cv2.connectedComponents(grid, connectivity=4, ltype=cv2.CV_32S)
+    parts = parts[::2, ::2]
+    if n - 1 == len(np.unique(labels[labels > 0])):
+        return labels  # every instance is one part already
+    flat_parts, flat_labels = parts.ravel(), labels.ravel().astype(np.int64)
+    where = np.flatnonzero(flat_parts)
+    size = np.bincount(flat_parts[where], minlength=n)
+    owner = np.zeros(n, np.int64)
+    first = np.full(n, labels.size, np.int64)
+    owner[flat_parts[where]] = flat_labels[where]
+    np.minimum.at(first, flat_parts[where], where)
+    ids = np.arange(1, n)
+    # Per owner: the largest part, then the earliest.
+    order = ids[np.lexsort((first[ids], -size[ids], owner[ids]))]
+    best = order[np.r_[True, owner[order][1:] != owner[order][:-1]]]
+    keep = np.zeros(n, bool)
+    keep[best] = True
+    keep[0] = True
+    out = labels.copy()
+    out[~keep[parts]] = 0
+    return out
 
 
 def trace_contours(labels: np.ndarray) -> list[np.ndarray]:

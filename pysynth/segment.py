@@ -22,7 +22,7 @@ import torch
 
 from pysynth.errors import PysynthError
 from pysynth.fsutil import atomic_write_bytes, atomic_write_text
-from pysynth.instances import InstanceConfig, Instances, find_instances, trace_contours
+from pysynth.instances import InstanceConfig, Instances, find_instances, largest_parts, trace_contours
 from pysynth.io.grid import tile_grid
 from pysynth.models.io import ModelInfo, normalise
 from pysynth.models.unet import UNet
@@ -333,6 +333,8 @@ def segment_image(
     if classes:
         found = found.with_classes(maps[2])
     labels = to_image_grid(found.labels, (h, w), mpp, info.mpp)
+    if labels is not found.labels:  # a coarser grid can leave pieces touching only at corners
+        labels = largest_parts(labels)
     return replace(found, labels=labels)
 
 

@@ -14,6 +14,7 @@ from pysynth.instances import (
     instance_confidence,
     instances_from_maps,
     keep_instances,
+    trace_contours,
     watershed,
     watershed_reference,
 )
@@ -233,3 +234,84 @@ def test_contour_of_known_shapes() -> None:
     assert square.tolist() == [[1, 1], [2, 1], [2, 2], [1, 2]]
     assert ell.tolist() == [[3, 1], [4, 1], [4, 2], [5, 2], [5, 3], [3, 3]]
     assert _shoelace(ell) == 3
+
+
+def _largest_parts_reference(labels: np.ndarray) -> np.ndarray:
+    """Breadth-first search of every 4-connected part of equal labels; each label keeps its largest, then first."""
+    from collections import deque
+
+    h, w = labels.shape
+    out = labels.copy()
+    seen = np.zeros(labels.shape, bool)
+    parts: dict[int, list[list[tuple[int, int]]]] = {}
+    for i in range(h):
+        for j in range(w):
+            k = int(labels[i, j])
+            if k == 0 or seen[i, j]:
+                continue
+            queue, part = deque([(i, j)]), []
+            seen[i, j] = True
+            while queue:
+                y, x = queue.popleft()
+                part.append((y, x))
+                for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                    if 0 <= yy < h and 0 <= xx < w and not seen[yy, xx] and labels[yy, xx] == k:
+                        seen[yy, xx] = True
+                        queue.append((yy, xx))
+            parts.setdefault(k, []).append(part)  # parts are found in raster order of their first pixel
+    for group in parts.values():
+        keep = max(range(len(group)), key=lambda c: (len(group[c]), -c))
+        for c, part in enumerate(group):
+            if c != keep:
+                for y, x in part:
+                    out[y, x] = 0
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 14), st.integers(1, 14), st.integers(1, 5))
+def test_largest_parts_matches_a_breadth_first_search(seed: int, h: int, w: int, n: int) -> None:
+    from pysynth.instances import largest_parts
+
+    labels = np.random.default_rng(seed).integers(0, n + 1, (h, w)).astype(np.int32)
+    expected = _largest_parts_reference(labels)
+    np.testing.assert_array_equal(largest_parts(labels), expected)
+    np.testing.assert_array_equal(largest_parts(labels, only=np.arange(1, n + 1)), expected)
+
+
+def _ring_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
+    return 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def test_outlines_agree_with_pixel_counts_under_8_connectivity() -> None:
+    # Two blobs joined only at a corner are one 8-connected seed region: the instance keeps its larger part, so
+    # its outline's area is its pixel count (before, the outline covered the first part and the count both).
+    det = np.zeros((40, 40), np.float32)
+    det[5:15, 5:15] = 1.0
+    det[15:19, 15:19] = 1.0  # touches the first block only at the corner (15, 15)
+    seg = (det > 0).astype(np.float32)
+    config = InstanceConfig(connectivity=8, detection_sigma=0.0, segmentation_sigma=0.0, min_size=1)
+    found = find_instances(det, seg, config)
+    counts = np.bincount(found.labels.ravel(), minlength=found.count + 1)
+    assert found.count == 1
+    for k, ring in enumerate(trace_contours(found.labels), start=1):
+        assert _ring_area(ring) == counts[k]
+    assert counts[1] == 100
+
+
+def test_segment_on_a_coarser_image_gives_outlines_that_agree_with_pixel_counts(tissue_rgb) -> None:
+    # A 20x image through the 40x model: labels mapped back to the coarser grid may break at corners; every
+    # instance is one part, and its outline's area equals its pixel count.
+    from pysynth.models.io import load_model
+    from pysynth.segment import segment_image
+
+    model, info = load_model()
+    found = segment_image(model, info, tissue_rgb[:256, :320], 0.499)
+    labels = found.labels
+    counts = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1)
+    rings = trace_contours(labels)
+    present = [k for k in range(1, len(counts)) if counts[k]]
+    assert len(present) > 20
+    for k in present:
+        assert _ring_area(rings[k - 1]) == counts[k], k
