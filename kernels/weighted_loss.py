@@ -1,4 +1,4 @@
-"""Importance-weighted two-head loss (method.md §4-5), fused in Triton behind ``pysynth::weighted_two_head_loss``.
+"""Importance-weighted two-head loss (docs/method.md §4-5), fused in Triton behind ``pysynth::weighted_two_head_loss``.
 
 Per sample ``n``: ``D_n`` is the mean of the discriminator's map of Pr(real), clamped to ``[eps, 1 - eps]``;
 ``w_n = clip(c·D_n / (1 − D_n), clip_lo, clip_hi)`` (``clip_lo`` where ``D_n`` is NaN); the loss is

@@ -1,4 +1,4 @@
-"""Nucleus instances from the segmenter's two output maps: seeds, foreground, watershed, clean-up (method.md §5).
+"""Nucleus instances from the segmenter's two output maps: seeds, foreground, watershed, clean-up (docs/method.md §5).
 
 Seeds are connected components of the smoothed detection map above a threshold; the foreground is the smoothed
 segmentation map above another; a foreground component without a seed gets one at its maximum; a

@@ -1,4 +1,4 @@
-"""Segmentation metrics on instance label maps, exactly as method.md §7 defines them.
+"""Segmentation metrics on instance label maps, exactly as docs/method.md §7 defines them.
 
 Inputs are integer label maps (0 = background, k = instance k) of one shape. Each metric is computed from the
 table of pixel overlaps between ground-truth and predicted instances, built once per image.

@@ -1,4 +1,4 @@
-"""Refiner and discriminator losses (method.md §3; paper Eq. 6).
+"""Refiner and discriminator losses (docs/method.md §3; paper Eq. 6).
 
 The refiner's loss is ``L_G = alpha·L_reg + beta·L_real + gamma·L_hard``; the discriminator's is the standard
 two-class cross-entropy. Both take D's logits, not probabilities, so they stay finite when D is confident.
@@ -57,7 +57,7 @@ def refiner_loss(
       [-1, 1] images the term's scale therefore grows with the patch area (a 400² RGB patch has 480,000 values,
       so ``λ1·‖·‖₁ = 4.8 ×`` the mean absolute change).
     - ``L_real``: the non-saturating form ``−E log D(X, S)``, i.e. binary cross-entropy of D's logits against
-      "real", averaged over the cells of D's map and the batch. The paper and method.md write
+      "real", averaged over the cells of D's map and the batch. The paper and docs/method.md write
       ``E log(1 − D(X, S))``, which has the same fixed point but vanishing gradients while D confidently rejects
       the refined patches (early training); the non-saturating form is the usual remedy (Goodfellow et al. 2014).
     - ``L_hard = −L_task``: the segmenter's loss on the refined patches, negated so that the refiner makes

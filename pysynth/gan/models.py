@@ -1,4 +1,4 @@
-"""Refiner, discriminator, reference (style) encoder and SimGAN image history (method.md §3).
+"""Refiner, discriminator, reference (style) encoder and SimGAN image history (docs/method.md §3).
 
 Both networks take the patch and a reference patch ``S`` of the target tissue. ``S`` goes through its own small
 encoder (valid convolutions, two poolings, a global average pool) to a style code, which is injected into the

@@ -1,4 +1,4 @@
-"""Importance weights from the discriminator (method.md §4; paper Eqs. 3-5) and their health report.
+"""Importance weights from the discriminator (docs/method.md §4; paper Eqs. 3-5) and their health report.
 
 A synthetic patch's segmentation loss is multiplied by ``p(X)/g(X)``, the ratio of the real and synthetic
 densities. A discriminator trained with cross-entropy on real and synthetic patches estimates

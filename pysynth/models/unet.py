@@ -1,4 +1,4 @@
-"""U-Net with a nucleus-centre detection head and a nuclear-pixel segmentation head (method.md §5).
+"""U-Net with a nucleus-centre detection head and a nuclear-pixel segmentation head (docs/method.md §5).
 
 The network runs over whole slides, so its cost per pixel is part of its contract: :func:`flops_per_pixel`
 counts it from the layers themselves.

@@ -1,7 +1,7 @@
 """Every parameter of the initial synthesis in one frozen, validated configuration.
 
 Sizes are in pixels at 40x (0.25 µm/px), the resolution synthesis works at. Defaults follow the published method
-and its authors' released code (``method.md`` §2); where pysynth departs from them, the field says why.
+and its authors' released code (``docs/method.md`` §2); where pysynth departs from them, the field says why.
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def draw_nuclei(
     min_area: int = 8,
     max_accept: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``k`` random star-shaped candidate nuclei (method.md §2) and place them as :func:`place_polygons`.
+    """Draw ``k`` random star-shaped candidate nuclei (docs/method.md §2) and place them as :func:`place_polygons`.
 
     Candidate ``c`` takes, in order, from a splitmix64 stream started at ``seed ^ (c · 0xD1B54A32D192ED03)``: its
     centre (uniform over the patch grown by ``margin``; a centre outside ``tissue`` ends the candidate), its mean

@@ -1,4 +1,4 @@
-"""Training targets and pixel weights from synthetic patches (method.md §5)."""
+"""Training targets and pixel weights from synthetic patches (docs/method.md §5)."""
 
 from __future__ import annotations
 
