@@ -169,7 +169,7 @@ def paint_nuclei_reference(
     alpha = (s0 + mix.astype(f32) * (soft.astype(f32) - s0)) * f32(1 / 255)
     d = (
         np.asarray(darkness, f32)[label]
-        * gain.astype(f32)
+        * (f32(gain_lo) + f32(gain_span) * gain.astype(f32))
         * (f32(1) + f32(contrast) * (f32(0.6) * texture.astype(f32) + f32(0.4) * speckle.astype(f32)))
     )
     thin_here = (region == 2) & np.asarray(clear, bool)[label] & (thin < f32(thin_threshold))

@@ -68,17 +68,21 @@ def _paint_inputs(rng: np.random.Generator, h: int, w: int) -> tuple[list, dict]
         rng.random(n + 1) < 0.5,
         big[3 : 3 + h, 5 : 5 + w],  # a crop: rows spaced apart (non-contiguous)
         rng.standard_normal((h, w)).astype(np.float32),
-        rng.uniform(0.6, 1.4, (h, w)).astype(np.float32),
+        rng.uniform(0.0, 1.0, (h, w)).astype(np.float32),  # the gain field: a smooth bank crop in [0, 1]
         rng.standard_normal((h, w)).astype(np.float32),
     ]
+    # Every parameter drawn, over the ranges the recipe uses (gain_range 0.67-1.33, rim 0-0.6, ...).
+    lo = rng.uniform(0.4, 1.0)
     kw = {
-        "stain": np.array([0.6, 0.7, 0.35], np.float32),
-        "contrast": 0.4,
-        "thin_threshold": 0.1,
-        "clear_factor": 0.3,
-        "rim_gain": 1.4,
-        "nuclear_jitter": np.array([1.02, 0.97, 1.0], np.float32),
-        "global_jitter": np.array([0.98, 1.01, 1.03], np.float32),
+        "stain": rng.uniform(0.2, 0.8, 3).astype(np.float32),
+        "gain_lo": lo,
+        "gain_span": rng.uniform(0.0, 1.0),
+        "contrast": rng.uniform(0.1, 0.45),
+        "thin_threshold": rng.normal(0, 0.5),
+        "clear_factor": rng.uniform(0.2, 0.5),
+        "rim_gain": 1.0 + rng.uniform(0, 0.6),
+        "nuclear_jitter": rng.uniform(0.96, 1.04, 3).astype(np.float32),
+        "global_jitter": rng.uniform(0.96, 1.04, 3).astype(np.float32),
         "extra": rng.uniform(0, 0.5, (h, w)).astype(np.float32),
     }
     return args, kw
