@@ -123,6 +123,7 @@ def infer_command(
     from pysynth.models.io import read_model_info, resolve_model_dir
     from pysynth.segment import resolve_device
     from pysynth.sources import collect_sources
+    from pysynth.table import TABLE
     from pysynth.train.loop import StopAtStepEnd
 
     setup_logging()
@@ -180,7 +181,7 @@ def infer_command(
                     stem,
                     identities[stem],
                     run_settings,
-                    [slide_dir / SUMMARY, slide_dir / "nuclei.geojson"],
+                    [slide_dir / SUMMARY, slide_dir / "nuclei.geojson", slide_dir / TABLE],
                     record={k: v for k, v in record.items() if k != "status"},
                 )
             if record["status"] in ("failed", "refused"):

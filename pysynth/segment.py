@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -407,15 +408,72 @@ class Outputs:
     labels: Path
     geojson: Path
     overlay: Path
+    table: Path
 
     def __iter__(self) -> Iterator[Path]:
-        return iter((self.labels, self.geojson, self.overlay))
+        return iter((self.labels, self.geojson, self.overlay, self.table))
 
 
 def output_paths(out_dir: Path, stem: str, n_instances: int | None = None) -> Outputs:
-    """``<stem>_labels.png`` (16-bit), or ``.tif`` (32-bit) above 65,535 instances; GeoJSON; overlay."""
+    """``<stem>_labels.png`` (16-bit), or ``.tif`` (32-bit) above 65,535 instances; GeoJSON; overlay; table."""
     suffix = ".tif" if n_instances is not None and n_instances > 65535 else ".png"
-    return Outputs(out_dir / f"{stem}_labels{suffix}", out_dir / f"{stem}.geojson", out_dir / f"{stem}_overlay.png")
+    return Outputs(
+        out_dir / f"{stem}_labels{suffix}",
+        out_dir / f"{stem}.geojson",
+        out_dir / f"{stem}_overlay.png",
+        out_dir / f"{stem}_nuclei.parquet",
+    )
+
+
+#: QuPath names of the stain statistics (:func:`pysynth.table.stain_stats`), in ``segment`` and ``infer`` alike.
+STAIN_MEASUREMENTS = {
+    "hematoxylin_od_mean": "Hematoxylin OD mean",
+    "hematoxylin_od_sd": "Hematoxylin OD sd",
+    "eosin_od_mean": "Eosin OD mean",
+    "eosin_od_sd": "Eosin OD sd",
+}
+
+
+def nucleus_columns(
+    labels: np.ndarray,
+    rgb: np.ndarray,
+    mpp: float | None,
+    found: Instances | None,
+    called: np.ndarray | None,
+    shape: Any = None,
+    stains: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """The per-nucleus table's columns (:mod:`pysynth.table`) of an image's labels: one row per present label."""
+    from pysynth.table import SHAPE_COLUMNS, stain_stats
+
+    n = int(labels.max()) if labels.size else 0
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    ids = np.flatnonzero(counts)
+    ids = ids[ids > 0]
+    ys, xs = np.nonzero(labels)
+    which = labels[ys, xs]
+    safe = np.maximum(counts, 1)
+    cx = (np.bincount(which, weights=xs + 0.5, minlength=n + 1) / safe)[ids]
+    cy = (np.bincount(which, weights=ys + 0.5, minlength=n + 1) / safe)[ids]
+    stains = stain_stats(labels, rgb, n) if stains is None else stains
+    columns: dict[str, Any] = {
+        "id": ids.astype(np.int64),
+        "centroid_x_px": cx,
+        "centroid_y_px": cy,
+        **{name: values[ids] for name, values in stains.items()},
+    }
+    if mpp is not None:
+        columns.update(centroid_x_um=cx * mpp, centroid_y_um=cy * mpp, area_um2=counts[ids] * mpp * mpp)
+        for name in SHAPE_COLUMNS:
+            columns[name] = getattr(shape, name)[ids]
+    if found is not None:
+        columns["confidence"] = found.confidence[ids]
+        columns["detection_peak"] = found.detection_peak[ids]
+        if found.lymphocyte is not None:
+            columns["lymphocyte_probability"] = found.lymphocyte[ids]
+    kinds = np.where(called[ids], LYMPHOCYTE, NUCLEUS) if called is not None else np.full(len(ids), NUCLEUS)
+    columns["classification"] = kinds.tolist()
+    return columns
 
 
 def write_outputs(
@@ -427,7 +485,10 @@ def write_outputs(
     mpp: float | None = None,
     lymphocyte_threshold: float = 0.5,
 ) -> Outputs:
-    """Write the three outputs of one image atomically (the labels last: their presence marks a finished image).
+    """Write the outputs of one image atomically (the labels last: their presence marks a finished image).
+
+    They are the GeoJSON, the overlay, the per-nucleus table ``<stem>_nuclei.parquet`` (:mod:`pysynth.table`,
+    one row per GeoJSON feature with its ``id``, the label) and the labels.
 
     Given :class:`~pysynth.instances.Instances`, the GeoJSON features carry their ``Confidence`` and ``Detection
     peak`` measurements; given ``mpp`` (µm/px of the labels' grid) also ``Area µm^2``, ``Perimeter µm`` and the
@@ -435,9 +496,14 @@ def write_outputs(
     output also carry ``Lymphocyte probability`` and are classified ``Lymphocyte`` at ``lymphocyte_threshold``
     or above (else ``Nucleus``); the overlay draws lymphocytes in their own colour.
     """
+    from pysynth.table import stain_stats, table_writer
+
     measurements = None
     called = None
+    found = None
+    shape = None
     if isinstance(labels, Instances):
+        found = labels
         measurements = {CONFIDENCE: labels.confidence, DETECTION_PEAK: labels.detection_peak}
         if labels.lymphocyte is not None:
             measurements[LYMPHOCYTE_PROBABILITY] = labels.lymphocyte
@@ -447,11 +513,19 @@ def write_outputs(
     if mpp is not None:
         from pysynth.shape import shape_features
 
-        measurements = {**(measurements or {}), **shape_features(labels, mpp).measurements()}
+        shape = shape_features(labels, mpp)
+        measurements = {**(measurements or {}), **shape.measurements()}
     n = int(labels.max()) if labels.size else 0
+    stains = stain_stats(labels, rgb, n)
+    measurements = {**(measurements or {}), **{STAIN_MEASUREMENTS[k]: v for k, v in stains.items()}}
     paths = output_paths(out_dir, stem, n)
     text = json.dumps(geojson(labels, name=stem, measurements=measurements, lymphocyte=called), separators=(",", ":"))
     atomic_write_text(paths.geojson, text)
+    from pysynth import __version__
+
+    metadata = {"source": stem, "mpp": mpp, "pysynth": __version__, "coordinates": "image px, x right, y down"}
+    with table_writer(paths.table, metadata) as table:
+        table.write(nucleus_columns(labels, rgb, mpp, found, called, shape, stains))
     picture = cv2.cvtColor(overlay(rgb, labels, lymphocyte=called), cv2.COLOR_RGB2BGR)
     atomic_write_bytes(paths.overlay, cv2.imencode(".png", picture)[1].tobytes())
     if paths.labels.suffix == ".tif":

@@ -114,7 +114,7 @@ def test_segment_names_same_stem_inputs_by_folder_and_never_swaps_them(run_cli, 
     out = tmp_path / "seg"
     assert run_cli("segment", a, b, "--input-mpp", "0.5", "--out", out).code == 0
     expected = {"a_X": _outputs(out, "a_X"), "b_X": _outputs(out, "b_X")}
-    assert all(len(v) == 3 for v in expected.values())
+    assert all(len(v) == 4 for v in expected.values())  # labels, GeoJSON, overlay, table
     again = run_cli("segment", b, a, "--input-mpp", "0.5", "--out", out)  # reversed order
     assert again.code == 0
     assert "2 already done" in again.out

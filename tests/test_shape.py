@@ -300,8 +300,9 @@ def test_region_nuclei_carry_the_shape_features_of_the_labels() -> None:
 
 def test_segment_geojson_carries_the_measurements_given_mpp(tmp_path: Path) -> None:
     from pysynth.instances import Instances
-    from pysynth.segment import CONFIDENCE, DETECTION_PEAK, write_outputs
+    from pysynth.segment import CONFIDENCE, DETECTION_PEAK, STAIN_MEASUREMENTS, write_outputs
 
+    stains = list(STAIN_MEASUREMENTS.values())  # always: they need only the image
     labels = np.zeros((60, 80), np.int32)
     labels[:, :60][_disc(9, (20, 20), 60) > 0] = 1
     labels[5:25, 45:75] = 2
@@ -315,14 +316,15 @@ def test_segment_geojson_carries_the_measurements_given_mpp(tmp_path: Path) -> N
     for feat in features:
         k = feat["id"]
         m = feat["properties"]["measurements"]
-        assert list(m) == [CONFIDENCE, DETECTION_PEAK, *MEASUREMENT_NAMES.values()]
+        assert list(m) == [CONFIDENCE, DETECTION_PEAK, *MEASUREMENT_NAMES.values(), *stains]
+        assert m["Hematoxylin OD sd"] == 0  # a flat grey image: no spread
         assert m[CONFIDENCE] == found.confidence[k]
         for key, name in MEASUREMENT_NAMES.items():
             assert m[name] == pytest.approx(float(getattr(expected, key)[k]), abs=1e-4)
-    # Without mpp, as before: only the confidences; plain labels: no measurements.
+    # Without mpp: the confidences and stains; plain labels: the stains only.
     plain = json.loads(write_outputs(tmp_path, "old", rgb, found).geojson.read_text())["features"]
-    assert list(plain[0]["properties"]["measurements"]) == [CONFIDENCE, DETECTION_PEAK]
+    assert list(plain[0]["properties"]["measurements"]) == [CONFIDENCE, DETECTION_PEAK, *stains]
     bare = json.loads(write_outputs(tmp_path, "bare", rgb, labels).geojson.read_text())["features"]
-    assert "measurements" not in bare[0]["properties"]
+    assert list(bare[0]["properties"]["measurements"]) == stains
     sized = json.loads(write_outputs(tmp_path, "sized", rgb, labels, mpp=0.5).geojson.read_text())["features"]
-    assert list(sized[0]["properties"]["measurements"]) == list(MEASUREMENT_NAMES.values())
+    assert list(sized[0]["properties"]["measurements"]) == [*MEASUREMENT_NAMES.values(), *stains]

@@ -63,7 +63,7 @@ def region_nuclei(
         lymphocyte: The class output's lymphocyte probability map of the window (None: no class output); each
             nucleus then has its mean as ``lymphocyte``.
     """
-    from pysynth.synth.deconv import rgb_to_hed
+    from pysynth.table import stain_stats
 
     found = find_instances(det, seg, instances)
     if lymphocyte is not None:
@@ -79,8 +79,7 @@ def region_nuclei(
     counts = np.bincount(ids, minlength=n + 1).astype(np.float64)
     cy = np.bincount(ids, weights=rows, minlength=n + 1) / np.maximum(counts, 1) + 0.5
     cx = np.bincount(ids, weights=cols, minlength=n + 1) / np.maximum(counts, 1) + 0.5
-    hema = rgb_to_hed(original.reshape(-1, 3)[where][None])[0, :, 0]
-    mean_h = np.bincount(ids, weights=hema, minlength=n + 1) / np.maximum(counts, 1)
+    stains = stain_stats(labels, original, n)
     # Centroids in slide model pixels; a nucleus is this region's when its centroid lies in the core.
     gx, gy = cx + origin[0], cy + origin[1]
     owned = (
@@ -110,7 +109,10 @@ def region_nuclei(
                 "minor_axis_um": round(float(shape.minor_axis_um[k]), 3),
                 "orientation_deg": round(float(shape.orientation_deg[k]), 2),
                 "centroid": [round(float(gx[k] * f), 2), round(float(gy[k] * f), 2)],
-                "hematoxylin": round(float(mean_h[k]), 4),
+                "hematoxylin": round(float(stains["hematoxylin_od_mean"][k]), 4),
+                "hematoxylin_sd": round(float(stains["hematoxylin_od_sd"][k]), 4),
+                "eosin": round(float(stains["eosin_od_mean"][k]), 4),
+                "eosin_sd": round(float(stains["eosin_od_sd"][k]), 4),
                 "confidence": round(float(found.confidence[k]), 4),
                 "detection_peak": round(float(found.detection_peak[k]), 4),
                 **({} if found.lymphocyte is None else {"lymphocyte": round(float(found.lymphocyte[k]), 4)}),

@@ -11,6 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pysynth import __version__
 from pysynth.fsutil import atomic_write_bytes, atomic_write_text, atomic_writer
 from pysynth.io import SlideReader, read_thumbnail
 from pysynth.io.tissue import TissueMask
@@ -24,6 +25,7 @@ from pysynth.qupath import (
     detection,
 )
 from pysynth.shape import MEASUREMENT_NAMES
+from pysynth.table import SHAPE_COLUMNS, TABLE, table_writer
 
 from .config import CSV_DIR, DENSITY_CELL_UM, DENSITY_GRID, DENSITY_MAP, GEOJSON, OVERLAY, InferConfig
 from .plan import Region
@@ -38,6 +40,44 @@ def csv_text(nuclei: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: QuPath names of the stain statistics of a region's nucleus records (the mean of hematoxylin has its own line).
+STAIN_NAMES = {"hematoxylin_sd": "Hematoxylin OD sd", "eosin": "Eosin OD mean", "eosin_sd": "Eosin OD sd"}
+
+
+#: Table columns of the other fields of a region's nucleus records.
+RECORD_COLUMNS = {
+    "hematoxylin": "hematoxylin_od_mean",
+    "hematoxylin_sd": "hematoxylin_od_sd",
+    "eosin": "eosin_od_mean",
+    "eosin_sd": "eosin_od_sd",
+    "lymphocyte": "lymphocyte_probability",
+}
+
+
+def table_columns(nuclei: list[dict[str, Any]], first_id: int, region: int, kinds: list[str], slide_mpp: float):
+    """The table's columns (:mod:`pysynth.table`) of one region's nucleus records, ids from ``first_id``."""
+    n = len(nuclei)
+    xy = np.array([nuc["centroid"] for nuc in nuclei], np.float64).reshape(n, 2)
+    columns: dict[str, Any] = {
+        "id": np.arange(first_id, first_id + n, dtype=np.int64),
+        "region": np.full(n, region, np.int32),
+        "centroid_x_px": xy[:, 0],
+        "centroid_y_px": xy[:, 1],
+        "centroid_x_um": xy[:, 0] * slide_mpp,
+        "centroid_y_um": xy[:, 1] * slide_mpp,
+        "confidence": [nuc["confidence"] for nuc in nuclei],
+        "detection_peak": [nuc["detection_peak"] for nuc in nuclei],
+        "classification": kinds,
+    }
+    for key in ("area_um2", *SHAPE_COLUMNS):
+        if n and key in nuclei[0]:
+            columns[key] = [nuc[key] for nuc in nuclei]
+    for key, column in RECORD_COLUMNS.items():
+        if n and key in nuclei[0]:
+            columns[column] = [nuc[key] for nuc in nuclei]
+    return columns
+
+
 def feature(nuc: dict[str, Any], ident: int, lymphocyte_threshold: float | None = None) -> dict[str, Any]:
     """One nucleus as a QuPath detection; with a class output (``lymphocyte`` in ``nuc``) classified by threshold."""
     classes = "lymphocyte" in nuc and lymphocyte_threshold is not None
@@ -50,6 +90,7 @@ def feature(nuc: dict[str, Any], ident: int, lymphocyte_threshold: float | None 
         "Centroid X px": nuc["centroid"][0],
         "Centroid Y px": nuc["centroid"][1],
         "Hematoxylin OD mean": nuc["hematoxylin"],
+        **{name: nuc[key] for key, name in STAIN_NAMES.items() if key in nuc},
         CONFIDENCE: nuc["confidence"],
         DETECTION_PEAK: nuc["detection_peak"],
         **({LYMPHOCYTE_PROBABILITY: nuc["lymphocyte"]} if classes else {}),
@@ -67,7 +108,10 @@ def write_outputs(
     lymphocyte_threshold: float | None = None,
     tissue: TissueMask | None = None,
 ) -> tuple[int, float, dict[str, Any]]:
-    """Stream the parts into nuclei.geojson, csv/ and overlay.png; returns (nuclei, seconds, class summary).
+    """Stream the parts into nuclei.geojson, nuclei.parquet, csv/ and overlay.png; returns (nuclei, seconds, classes).
+
+    The table (:mod:`pysynth.table`) has one row per GeoJSON feature, with the same ``id``, one row group per
+    region.
 
     With a class output (``lymphocyte_threshold`` given) lymphocytes are outlined in their own colour, and the
     lymphocyte density grid and its heatmap are written (:func:`write_density`); the class summary holds their
@@ -88,7 +132,14 @@ def write_outputs(
     count = 0
     lymphocyte_xy: list[tuple[float, float]] = []
     colours = {NUCLEUS: (0, 160, 0), LYMPHOCYTE: CLASS_COLOURS[LYMPHOCYTE]}
-    with atomic_writer(slide_dir / GEOJSON, "w") as out:
+    metadata = {
+        "source": Path(str(reader.name)).name,
+        "slide_mpp": reader.mpp,
+        "model_mpp": mpp,
+        "pysynth": __version__,
+        "coordinates": "level-0 px of the slide, x right, y down",
+    }
+    with atomic_writer(slide_dir / GEOJSON, "w") as out, table_writer(slide_dir / TABLE, metadata) as table:
         out.write('{"type":"FeatureCollection","features":[')
         for region in regions:
             nuclei = json.loads((parts / f"{region.index:06d}.json").read_text())["nuclei"]
@@ -96,14 +147,17 @@ def write_outputs(
             name = f"{x0}_{y0}_{round(region.w * f)}_{round(region.h * f)}.csv"
             atomic_write_text(csv_dir / name, csv_text(nuclei))
             polys: dict[str, list[np.ndarray]] = {NUCLEUS: [], LYMPHOCYTE: []}
+            first, kinds = count + 1, []
             for nuc in nuclei:
                 count += 1
                 feat = feature(nuc, count, lymphocyte_threshold)
                 out.write(("," if count > 1 else "") + json.dumps(feat, separators=(",", ":")))
                 kind = feat["properties"]["classification"]["name"]
+                kinds.append(kind)
                 if kind == LYMPHOCYTE:
                     lymphocyte_xy.append((nuc["centroid"][0], nuc["centroid"][1]))
                 polys[kind].append(np.round(np.array(nuc["polygon"]) * scale * 4).astype(np.int32))
+            table.write(table_columns(nuclei, first, region.index, kinds, reader.mpp))
             for kind, group in polys.items():
                 if group:
                     cv2.polylines(thumb, group, True, colours[kind], 1, cv2.LINE_AA, shift=2)
