@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 #: QuPath measurement names of the per-nucleus confidences (``segment`` and ``infer`` alike).
 CONFIDENCE = "Confidence"
 DETECTION_PEAK = "Detection peak"
@@ -17,6 +19,27 @@ LYMPHOCYTE_PROBABILITY = "Lymphocyte probability"
 #: QuPath classifications: a nucleus, or a nucleus called a lymphocyte (with their display colours, RGB).
 NUCLEUS, LYMPHOCYTE = "Nucleus", "Lymphocyte"
 CLASS_COLOURS = {NUCLEUS: (0, 255, 0), LYMPHOCYTE: (0, 160, 255)}
+
+
+def valid_ring(ring: np.ndarray) -> np.ndarray:
+    """A simple (valid) polygon ring for QuPath.
+
+    The exact pixel-edge outline (its area is the nucleus' pixel count, and touching nuclei share edges without
+    overlapping), repaired by shapely where the outline touches itself at a corner. Outlines are not simplified:
+    simplifying each nucleus on its own lets touching neighbours overlap.
+    """
+    import shapely
+
+    if len(ring) < 3:
+        return np.zeros((0, 2))
+    poly = shapely.Polygon(ring)
+    if poly.is_valid:
+        return ring.astype(np.float64)
+    fixed = shapely.make_valid(poly)
+    polys = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type == "Polygon" and not g.is_empty]
+    if not polys:
+        return np.zeros((0, 2))
+    return np.asarray(max(polys, key=lambda g: g.area).exterior.coords)[:-1]
 
 
 def classification(name: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from pysynth.qupath import (  # noqa: F401 (the names segment's users import fro
     NUCLEUS,
     classification,
     detection,
+    valid_ring,
 )
 
 #: Largest image `segment` reads whole, in pixels at the model's resolution (whole slides: `pysynth infer`).
@@ -374,6 +375,9 @@ def geojson(
             continue
         kind = None if lymphocyte is None else (LYMPHOCYTE if lymphocyte[k] else NUCLEUS)
         values = None if not measurements else {key: round(float(v[k]), 4) for key, v in measurements.items()}
+        ring = valid_ring(ring)  # an outline touching itself at a corner is repaired, as QuPath needs
+        if len(ring) < 3:
+            continue
         coords = [[int(x), int(y)] for x, y in ring]
         properties = {"label": k, "area_px": int(areas[k])}
         features.append(detection(k, coords, kind=kind, measurements=values, properties=properties))

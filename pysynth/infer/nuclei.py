@@ -7,30 +7,10 @@ from typing import Any
 import numpy as np
 
 from pysynth.instances import InstanceConfig, find_instances, trace_contours
+from pysynth.qupath import valid_ring
 from pysynth.shape import shape_features
 
 from .plan import Region
-
-
-def _ring_ok(ring: np.ndarray) -> np.ndarray:
-    """A simple (valid) polygon ring for QuPath.
-
-    The exact pixel-edge outline (its area is the nucleus' pixel count, and touching nuclei share edges without
-    overlapping), repaired by shapely where the outline touches itself at a corner. Outlines are not simplified:
-    simplifying each nucleus on its own lets touching neighbours overlap.
-    """
-    import shapely
-
-    if len(ring) < 3:
-        return np.zeros((0, 2))
-    poly = shapely.Polygon(ring)
-    if poly.is_valid:
-        return ring.astype(np.float64)
-    fixed = shapely.make_valid(poly)
-    polys = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type == "Polygon" and not g.is_empty]
-    if not polys:
-        return np.zeros((0, 2))
-    return np.asarray(max(polys, key=lambda g: g.area).exterior.coords)[:-1]
 
 
 def region_nuclei(
@@ -92,7 +72,7 @@ def region_nuclei(
     out = []
     f = level0_per_px
     for k in np.flatnonzero(owned):
-        ring = _ring_ok(rings[k - 1])
+        ring = valid_ring(rings[k - 1])
         if len(ring) < 3:
             continue
         poly = (ring + np.array(origin)) * f
