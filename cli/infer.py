@@ -286,6 +286,9 @@ def _write_run_json(out, ledger, records: dict[str, dict]) -> None:
             slides.append({"name": stem, **now, "run": ledger.run_id})
     run = {"format": "pysynth-infer-run", "version": 2, "runs": ledger.runs, "slides": slides}
     atomic_write_text(out / "run.json", json.dumps(run, indent=1, default=str) + "\n")
+    from pysynth.infer import write_index
+
+    write_index(out, slides)  # the cohort's page: every slide with its status, counts and report
 
 
 def _on_cluster(scheduler, todo, out, folder, input_mpp, device, config) -> list[dict]:

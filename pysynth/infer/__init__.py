@@ -12,16 +12,17 @@ borders and no global label image is ever built.
 Each finished region is written at once (atomically) to ``OUT/<stem>/.parts/``; an interrupted run continues from
 the regions it has, and since a region's result depends only on the slide, the model and these settings, the
 result is the same as an uninterrupted run's. When all regions are done the parts are streamed into
-``nuclei.geojson`` (QuPath detections with measurements, confidences included, level-0 coordinates), ``csv/``
-(one CSV of polygons per region, the format of the method's released code), ``overlay.png`` and, last,
-``summary.json``, whose presence marks a finished slide. Memory is bounded by one region's working set, whatever
-the slide's size.
+``nuclei.geojson`` (QuPath detections with measurements, confidences included, level-0 coordinates),
+``nuclei.parquet`` (the same nuclei as a table), ``csv/`` (one CSV of polygons per region, the format of the
+method's released code), ``overlay.png``, ``report.html`` and, last, ``summary.json``, whose presence marks a
+finished slide. Memory is bounded by one region's working set, whatever the slide's size.
 
 The stages are modules, each usable and tested alone: :mod:`~pysynth.infer.config` (settings and file names),
 :mod:`~pysynth.infer.plan` (regions and windows), :mod:`~pysynth.infer.read` (windows of the slide),
 :mod:`~pysynth.infer.colour` (normalisation), :mod:`~pysynth.infer.network` (the model as infer runs it),
-:mod:`~pysynth.infer.nuclei` (instances and measurements of a region), :mod:`~pysynth.infer.write` (the outputs)
-and :mod:`~pysynth.infer.run` (one slide through them, timed per stage in ``summary.json``).
+:mod:`~pysynth.infer.nuclei` (instances and measurements of a region), :mod:`~pysynth.infer.write` (the outputs),
+:mod:`~pysynth.infer.report` (a page per slide and per cohort) and :mod:`~pysynth.infer.run` (one slide through
+them, timed per stage in ``summary.json``).
 """
 
 from pysynth.models.io import model_digest
@@ -45,6 +46,7 @@ from .network import Network, compiled, inference_model, keep_freed_memory
 from .nuclei import region_nuclei
 from .plan import Region, plan_regions, slide_extent, window_box
 from .read import colour_samples, read_window
+from .report import INDEX, REPORT, write_index, write_report
 from .run import SlideResult, Timings, claim_slide_dir, infer_slide, run_regions, run_slide, slide_settings
 from .write import csv_text, density_grid, feature, rasterise, write_density, write_outputs
 
@@ -54,6 +56,7 @@ __all__ = [
     "DENSITY_GRID",
     "DENSITY_MAP",
     "GEOJSON",
+    "INDEX",
     "MEASUREMENTS_VERSION",
     "MIN_MARGIN",
     "OVERLAY",
@@ -61,6 +64,7 @@ __all__ = [
     "REFERENCE_HE",
     "REFERENCE_LAB",
     "REFERENCE_MAX_C",
+    "REPORT",
     "SETTINGS",
     "SUMMARY",
     "ColourModel",
@@ -90,5 +94,7 @@ __all__ = [
     "slide_settings",
     "window_box",
     "write_density",
+    "write_index",
     "write_outputs",
+    "write_report",
 ]

@@ -37,6 +37,7 @@ from .network import Network, inference_model, keep_freed_memory
 from .nuclei import region_nuclei
 from .plan import Region, plan_regions, slide_extent, window_box
 from .read import colour_samples, read_window
+from .report import write_report
 from .write import write_outputs
 
 log = logging.getLogger(__name__)
@@ -329,6 +330,11 @@ def infer_slide(
         "device": str(network.device),
         **class_summary,
     }
+    # The page to look at, while the saved regions (its crops' outlines) are still there; before summary.json,
+    # whose presence marks a finished slide.
+    t = time.perf_counter()
+    write_report(slide_dir, reader, regions, parts, mpp, tissue, summary, threshold)
+    summary["timings"]["report"] = round(time.perf_counter() - t, 3)
     atomic_write_text(slide_dir / SUMMARY, json.dumps(summary, indent=1))
     shutil.rmtree(parts, ignore_errors=True)
     return result
