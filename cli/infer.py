@@ -59,6 +59,15 @@ from pysynth.cli._options import (
     "this project's 2-core CPU; end to end it pays only on slides of about a gigapixel and more. Eager where it "
     "cannot compile.",
 )
+@click.option(
+    "--labels",
+    "labels",
+    type=click.Choice(["none", "ome-tiff"]),
+    default="none",
+    show_default=True,
+    help="ome-tiff: also write labels.ome.tif per slide, a tiled pyramidal OME-TIFF of uint32 nucleus ids (the "
+    "GeoJSON's and the table's) at the model's µm/px, for QuPath, napari or tifffile/zarr.",
+)
 @tta_option
 @min_confidence_option
 @lymphocyte_threshold_option
@@ -91,6 +100,7 @@ def infer_command(
     margin: int,
     tile: int,
     compile_network: bool,
+    labels: str,
     tta: int,
     min_confidence: float | None,
     lymphocyte_threshold: float | None,
@@ -111,7 +121,6 @@ def infer_command(
     """
     import os
     import time
-    from dataclasses import asdict
     from pathlib import Path
 
     from tqdm import tqdm
@@ -145,13 +154,13 @@ def infer_command(
     try:
         config = InferConfig(
             core=core, margin=margin, tile=tile, normalise=normalise, tta=tta, min_confidence=min_confidence,
-            precision=precision, compile=compile_network, lymphocyte_threshold=lymphocyte_threshold,
+            precision=precision, compile=compile_network, lymphocyte_threshold=lymphocyte_threshold, labels=labels,
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     out = prepare_output_dir(out_dir)
     started = time.perf_counter()
-    run_settings = {"model": str(folder), "input_mpp": input_mpp, "config": asdict(config)}
+    run_settings = {"model": str(folder), "input_mpp": input_mpp, "config": config.record()}
     with Ledger(out, "infer", run_settings) as ledger:
         stems = ledger.names(paths)
         records: dict[str, dict] = {}

@@ -70,6 +70,33 @@ def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a library that writes a file by name; renamed into place at the end.
+
+    Like :func:`atomic_writer`, for writers that need a file name (``tifffile``): on success the file is synced and
+    replaces ``path``; on any exception it is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path, exc.filename) from None
+    os.close(fd)
+    try:
+        Path(tmp).chmod(0o666 & ~_UMASK)
+        yield Path(tmp)
+        with Path(tmp).open("rb+") as handle:
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+        if isinstance(exc, OSError) and (named := _naming(exc, path, tmp)) is not exc:
+            raise named from None
+        raise
+
+
 def _naming(exc: OSError, path: Path, tmp: str) -> OSError:
     """``exc`` naming ``path`` where it names no file or the temporary one (``tmp``); else ``exc`` itself."""
     if exc.errno is None or (exc.filename is not None and exc.filename != tmp):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from pysynth.instances import InstanceConfig
 from pysynth.segment import TTA_CHOICES
@@ -16,6 +16,8 @@ MEASUREMENTS_VERSION = 3  # 3: hematoxylin spread and eosin mean and spread
 #: one pass. On the seam test's real region (134 nuclei, cores of 160 px, default model) margins of 128 and 96 give
 #: the nuclei of one pass exactly; 64 moves 4 (IoU < 0.95) and finds one twice; 32 moves 10.
 MIN_MARGIN = 128
+#: Formats of ``InferConfig.labels``.
+LABEL_FORMATS = ("none", "ome-tiff")
 SUMMARY = "summary.json"
 GEOJSON = "nuclei.geojson"
 OVERLAY = "overlay.png"
@@ -65,6 +67,8 @@ class InferConfig:
             (24 regions, four window shapes) compiling cost more than it saved (32-50 s against 26-28 s eager): it
             can pay only on slides of about a gigapixel and more. Maps differ from eager by float rounding (< 1e-5;
             the same nuclei on that slide).
+        labels: ``"none"`` (default) or ``"ome-tiff"``: also write the nuclei as a tiled, pyramidal OME-TIFF of
+            uint32 instance ids at the model's resolution (:mod:`pysynth.infer.labels`).
         min_tissue: A region is processed when the tissue fraction of its core exceeds this.
         overlay_mpp: Resolution of ``overlay.png`` (coarsened further for slides above 8,000 px at it).
     """
@@ -79,6 +83,7 @@ class InferConfig:
     precision: str = "fp32"
     lymphocyte_threshold: float | None = None
     compile: bool = False
+    labels: str = "none"
     min_tissue: float = 0.0
     overlay_mpp: float = 2.0
 
@@ -104,6 +109,18 @@ class InferConfig:
             raise ValueError(f"lymphocyte_threshold must be in [0, 1], got {self.lymphocyte_threshold}")
         if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+        if self.labels not in LABEL_FORMATS:
+            raise ValueError(f"labels must be one of {', '.join(LABEL_FORMATS)}, got {self.labels!r}")
+
+    def record(self) -> dict:
+        """The settings as recorded with a slide's results.
+
+        ``labels`` is there only when asked for, so the slides of versions before it keep their identity.
+        """
+        out = asdict(self)
+        if out["labels"] == "none":
+            del out["labels"]
+        return out
 
     def instances(self, model: InstanceConfig) -> InstanceConfig:
         """The post-processing a run uses: the model's, with ``min_confidence`` replaced when one is given."""

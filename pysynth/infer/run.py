@@ -33,6 +33,7 @@ from pysynth.models.unet import UNet
 
 from .colour import ColourModel, fit_colour
 from .config import MEASUREMENTS_VERSION, PARTS, SETTINGS, SUMMARY, InferConfig
+from .labels import LABELS, write_labels
 from .network import Network, inference_model, keep_freed_memory
 from .nuclei import region_nuclei
 from .plan import Region, plan_regions, slide_extent, window_box
@@ -87,7 +88,7 @@ def slide_settings(
     settings = {
         "slide": Path(str(reader.name)).name,
         "model": model_id,
-        "config": asdict(config),
+        "config": config.record(),
         "instances": asdict(instances),
         "slide_mpp": reader.mpp,
         "level0_hw": list(reader.level_shapes_hw[0]),
@@ -297,6 +298,10 @@ def infer_slide(
 
     count, t_write, class_summary = write_outputs(slide_dir, reader, regions, parts, mpp, config, threshold, tissue)
     timings.write += t_write
+    t_labels = time.perf_counter()
+    if config.labels == "ome-tiff":
+        write_labels(slide_dir, reader, regions, parts, mpp)
+    t_labels = time.perf_counter() - t_labels
     seconds = time.perf_counter() - started
     pixels = float(sum(r.w * r.h for r in regions))
     pixels_now = float(sum(r.w * r.h for r in todo))  # a resumed run's rate counts only what it processed
@@ -335,6 +340,9 @@ def infer_slide(
     t = time.perf_counter()
     write_report(slide_dir, reader, regions, parts, mpp, tissue, summary, threshold)
     summary["timings"]["report"] = round(time.perf_counter() - t, 3)
+    if config.labels != "none":
+        summary["timings"]["labels"] = round(t_labels, 3)
+        summary["labels"] = LABELS
     atomic_write_text(slide_dir / SUMMARY, json.dumps(summary, indent=1))
     shutil.rmtree(parts, ignore_errors=True)
     return result
