@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
+
 import cv2
 import numpy as np
+import pytest
 
-from pysynth.instances import InstanceConfig
+from pysynth.instances import InstanceConfig, find_instances
+from pysynth.metrics import Scores, mean_scores, score
 from pysynth.train.loop import MIN_CONFIDENCE_GRID, choose_thresholds
 
 
@@ -34,14 +39,49 @@ def _patches(n: int = 4, size: int = 72, seed: int = 0) -> tuple[np.ndarray, lis
     return np.stack(maps), labels
 
 
-def test_choose_thresholds_searches_the_minimum_confidence() -> None:
+def _grid_scores(maps: np.ndarray, labels: list[np.ndarray], base: InstanceConfig) -> dict[InstanceConfig, Scores]:
+    """Mean scores of every setting of choose_thresholds' grid, each found from scratch with its own settings.
+
+    The grid as choose_thresholds documents it; each setting's instances come from find_instances with its minimum
+    confidence applied there, not by filtering one setting's instances as choose_thresholds does.
+    """
+    out = {}
+    for sigma, min_size, det_t, fg_t, min_confidence in itertools.product(
+        (1.0, 2.0),
+        (base.min_size, 2 * base.min_size),
+        (0.3, 0.4, 0.5, 0.6, 0.7),
+        (0.3, 0.4, 0.5, 0.6),
+        MIN_CONFIDENCE_GRID,
+    ):
+        cfg = replace(
+            base,
+            detection_sigma=sigma,
+            min_size=min_size,
+            detection_threshold=det_t,
+            foreground_threshold=fg_t,
+            min_confidence=min_confidence,
+        )
+        found = [find_instances(m[0], m[1], cfg).labels for m in maps]
+        out[cfg] = mean_scores([score(lab, f) for lab, f in zip(labels, found, strict=True)])
+    return out
+
+
+def test_choose_thresholds_picks_the_best_setting_on_the_validation_patches() -> None:
     maps, labels = _patches()
-    best, table = choose_thresholds(maps, labels, InstanceConfig(min_size=10))
-    assert best.min_confidence in MIN_CONFIDENCE_GRID
+    base = InstanceConfig(min_size=10)
+    best, table = choose_thresholds(maps, labels, base)
+    scores = _grid_scores(maps, labels, base)
+    assert len(table) == len(scores) == 80 * len(MIN_CONFIDENCE_GRID)
+    # The chosen setting has the best mean AJI of the whole grid (ties: PQ), recomputed here setting by setting.
+    top = max((s.aji, s.pq) for s in scores.values())
+    assert (scores[best].aji, scores[best].pq) == top
     assert best.min_confidence > 0  # dropping the faint false objects is what gives the best AJI
-    assert {row["min_confidence"] for row in table} == set(MIN_CONFIDENCE_GRID)
-    assert len(table) == 80 * len(MIN_CONFIDENCE_GRID)
-    assert table[0]["aji"] > max(row["aji"] for row in table if row["min_confidence"] == 0)
+    assert top[0] > max(s.aji for cfg, s in scores.items() if cfg.min_confidence == 0)
+    # The table reports every setting with its true scores, the chosen one first.
+    for row in table:
+        cfg = InstanceConfig(**{k: row[k] for k in InstanceConfig.__dataclass_fields__})
+        assert row["aji"] == pytest.approx(scores[cfg].aji, abs=1e-12)
+        assert row["pq"] == pytest.approx(scores[cfg].pq, abs=1e-12)
     assert best == InstanceConfig(**{k: table[0][k] for k in InstanceConfig.__dataclass_fields__})
 
 

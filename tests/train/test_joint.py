@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from pysynth.errors import PysynthError
+from pysynth.gan.weights import importance_weights
 from pysynth.models.io import load_model
 from pysynth.train.config import TrainConfig
 from pysynth.train.joint import JointConfig, dump_joint_config, load_gan, train_joint
+from pysynth.train.targets import two_head_loss
 
 TINY = {
     "model": {"width": 4, "depth": 2, "max_width": 16},
@@ -165,8 +167,84 @@ def test_without_refiner_and_weights_it_is_plain_training(tmp_path: Path, datase
     assert math.isnan(row["g_loss"])
 
 
-def test_weights_without_refiner_come_from_d_on_initial_patches(tmp_path: Path, dataset: Path) -> None:
-    summary = train_joint(_config(), _joint(refiner=False), tmp_path / "m", synthetic=dataset)
+def _direct_per_sample_loss(logits: torch.Tensor, det: torch.Tensor, seg: torch.Tensor, pw: torch.Tensor):
+    """Each sample's pixel-weighted BCE of both heads, written out: Σ pw·(BCE_det + BCE_seg) / Σ pw."""
+
+    def bce(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -(t * torch.log(torch.sigmoid(x)) + (1 - t) * torch.log(1 - torch.sigmoid(x)))
+
+    return (pw * (bce(logits[:, 0], det) + bce(logits[:, 1], seg))).sum(dim=(1, 2)) / pw.sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("dice_weight", [0.0, 0.5])
+def test_each_samples_loss_scales_with_its_importance_weight(dice_weight: float) -> None:
+    # The segmenter's loss in joint training is the batch mean of w_n · L_n: without Dice the fused op (on the CPU its
+    # PyTorch twin) given D's map, whose weights are w = D/(1 - D) at c = 1; with Dice two_head_loss given the
+    # weights. These are train_joint's two paths; a weight must scale its own sample's loss and gradient, exactly.
+    from pysynth.kernels.weighted_loss import weighted_two_head_loss
+
+    g = torch.Generator().manual_seed(0)
+    n, h, w = 3, 12, 10
+    logits = (2 * torch.randn(n, 2, h, w, generator=g, dtype=torch.float64)).requires_grad_()
+    det = torch.rand(n, h, w, generator=g, dtype=torch.float64)
+    seg = (torch.rand(n, h, w, generator=g, dtype=torch.float64) > 0.5).double()
+    pw = 0.1 + torch.rand(n, h, w, generator=g, dtype=torch.float64)
+
+    def loss_and_grad(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if dice_weight == 0:
+            d_map = (weights / (1 + weights))[:, None, None].expand(n, 4, 4)  # D's map, the same in every cell
+            per_sample, used = weighted_two_head_loss(logits, det, seg, pw, d_map, clip_lo=0.1, clip_hi=4.0)
+            torch.testing.assert_close(used, weights, rtol=1e-9, atol=0)
+            loss = per_sample.mean()
+        else:
+            loss, _ = two_head_loss(logits, det, seg, pw, weights, dice_weight=dice_weight)
+        (grad,) = torch.autograd.grad(loss, logits)
+        return loss.detach(), grad
+
+    # Each sample's own loss: written out for the BCE; with Dice, that of the sample alone in an unweighted batch.
+    if dice_weight == 0:
+        alone = _direct_per_sample_loss(logits.detach(), det, seg, pw)
+    else:
+        parts = []
+        for k in range(n):
+            one = slice(k, k + 1)
+            parts.append(two_head_loss(logits[one], det[one], seg[one], pw[one], dice_weight=dice_weight)[0])
+        alone = torch.stack(parts).detach()
+    ones = torch.ones(n, dtype=torch.float64)
+    base_loss, base_grad = loss_and_grad(ones)
+    torch.testing.assert_close(base_loss, alone.mean(), rtol=1e-12, atol=0)
+    for weights in ([1.0, 3.0, 1.0], [0.5, 2.0, 1.25]):
+        wt = torch.tensor(weights, dtype=torch.float64)
+        loss, grad = loss_and_grad(wt)
+        torch.testing.assert_close(loss, (wt * alone).mean(), rtol=1e-12, atol=0)
+        # Sample k's gradient (it reaches only its own logits) is w_k times its gradient at weight 1.
+        for k in range(n):
+            torch.testing.assert_close(grad[k], wt[k] * base_grad[k], rtol=1e-12, atol=1e-15)
+
+
+def test_weights_without_refiner_come_from_d_on_initial_patches(
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pysynth.train.joint as joint_module
+
+    # Record the weights D gives and the sample weights the segmenter's loss is given (default Dice: two_head_loss).
+    judged: list[torch.Tensor] = []
+    used: list[torch.Tensor] = []
+
+    def recording_weights(*args, **kwargs):
+        out = importance_weights(*args, **kwargs)
+        judged.append(out)
+        return out
+
+    def recording_loss(logits, detection, segmentation, pixel_weights, sample_weights=None, **kwargs):
+        if sample_weights is not None and logits.requires_grad:
+            used.append(sample_weights.detach().clone())
+        return two_head_loss(logits, detection, segmentation, pixel_weights, sample_weights, **kwargs)
+
+    monkeypatch.setattr(joint_module, "importance_weights", recording_weights)
+    monkeypatch.setattr(joint_module, "two_head_loss", recording_loss)
+    joint = _joint(refiner=False)
+    summary = train_joint(_config(), joint, tmp_path / "m", synthetic=dataset)
     assert not (tmp_path / "m" / "refiner.pt").exists()
     assert (tmp_path / "m" / "discriminator.pt").is_file()
     assert (tmp_path / "m" / "weight_histogram.png").is_file()
@@ -175,7 +253,16 @@ def test_weights_without_refiner_come_from_d_on_initial_patches(tmp_path: Path, 
     (row,) = _rows(tmp_path / "m")
     assert math.isfinite(row["d_loss"])
     assert math.isnan(row["g_loss"])
-    assert row["w_min"] != row["w_max"]  # D's weights, not ones
+    # Before D is trained each sample weighs 1; from then on the segmenter's loss weighs each sample by D's weight
+    # of that very batch (the later D calls are the held-out patches of weight_histogram.png).
+    assert joint.gan_start == 2
+    assert len(used) == 5
+    assert all(torch.equal(u, torch.ones_like(u)) for u in used[:2])
+    for u, d in zip(used[2:], judged[:3], strict=True):
+        torch.testing.assert_close(u, d.to(u.dtype), rtol=0, atol=0)
+    assert not all(torch.equal(d, torch.ones_like(d)) for d in judged[:3])  # D's weights, not ones
+    logged = torch.cat(used)
+    assert (row["w_min"], row["w_max"]) == (float(logged.min()), float(logged.max()))
 
 
 def test_no_reference_no_importance_no_hard(tmp_path: Path, dataset: Path) -> None:

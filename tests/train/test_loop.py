@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from pysynth.errors import PysynthError
+from pysynth.instances import InstanceConfig
 from pysynth.models.io import load_model
 from pysynth.train.config import TrainConfig, dump_config, load_config_file
 from pysynth.train.loop import MIN_CONFIDENCE_GRID, train
@@ -56,10 +58,16 @@ def test_a_run_writes_a_usable_model_folder(tmp_path: Path, real_png: Path) -> N
     model, info = load_model(folder)
     assert info.unet.width == 4
     assert info.mpp == 0.25
-    assert 0.3 <= info.instances.detection_threshold <= 0.7
     assert TrainConfig.from_dict(load_config_file(folder / "config.yaml")) == config
     validation = json.loads((folder / "validation.json").read_text())
     assert len(validation["grid"]) == 80 * len(MIN_CONFIDENCE_GRID)
+    # The model keeps the setting of the grid with the best validation AJI (ties: PQ), not merely one of the grid's
+    # (choose_thresholds' scores themselves are checked against a recomputation in test_choose_thresholds.py).
+    best = max((row["aji"], row["pq"]) for row in validation["grid"])
+    keys = InstanceConfig.__dataclass_fields__
+    (kept,) = [row for row in validation["grid"] if {k: row[k] for k in keys} == asdict(info.instances)]
+    assert (kept["aji"], kept["pq"]) == best
+    assert validation["chosen"] == asdict(info.instances)
     out = model(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 2, 32, 32)
 
