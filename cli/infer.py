@@ -84,8 +84,9 @@ from pysynth.cli._options import (
     "--scheduler",
     default=None,
     metavar="ADDRESS",
-    help="Send one task per slide to this Dask distributed scheduler (tcp://host:8786) instead of running here; "
-    "the workers must see the slides, the model and --out at the same paths. Needs `pip install distributed`.",
+    help="Spread each slide's regions as tasks over this Dask distributed scheduler (tcp://host:8786); the slides "
+    "are planned and written here. The workers must see the slides and the model at the same paths. Needs "
+    "`pip install distributed`.",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Redo slides that are finished, or made with another model or settings."
@@ -197,9 +198,11 @@ def infer_command(
                 tqdm.write(f"error: {record['error']}")
 
         if scheduler is not None:
-            for (_, stem, _), record in zip(
-                todo, _on_cluster(scheduler, todo, out, folder, input_mpp, device, config), strict=True
-            ):
+            with StopAtStepEnd() as stop:
+                records_now = _on_cluster(
+                    scheduler, todo, out, folder, input_mpp, device, config, stop=lambda: stop.requested
+                )
+            for (_, stem, _), record in zip(todo, records_now, strict=True):
                 finish(stem, record)
         elif workers == 1:
             overall = tqdm(total=len(todo), desc="slides", unit="slide", dynamic_ncols=True, position=0)
@@ -300,10 +303,12 @@ def _write_run_json(out, ledger, records: dict[str, dict]) -> None:
     write_index(out, slides)  # the cohort's page: every slide with its status, counts and report
 
 
-def _on_cluster(scheduler, todo, out, folder, input_mpp, device, config) -> list[dict]:
-    """One ``run_slide`` task per ``(path, stem, overwrite)`` of ``todo`` on a Dask distributed cluster.
+def _on_cluster(scheduler, todo, out, folder, input_mpp, device, config, stop=None) -> list[dict]:
+    """The slides of ``todo`` (``(path, stem, overwrite)``), each spread over a Dask distributed cluster.
 
-    Returns the records in the order of ``todo``.
+    Each slide is planned and written here (one writer for its GeoJSON, table and labels); its regions go to the
+    cluster as tasks, so one large slide uses every worker. A task lost with its worker is run again by Dask, and
+    its region is saved once. Returns the records in the order of ``todo``.
     """
     from pathlib import Path
 
@@ -313,39 +318,31 @@ def _on_cluster(scheduler, todo, out, folder, input_mpp, device, config) -> list
     from pysynth.infer import run_slide
 
     try:
-        from distributed import Client, as_completed
+        from distributed import Client
     except ImportError:
         raise PysynthError("--scheduler needs Dask distributed: pip install distributed") from None
     try:
         client = Client(scheduler, timeout="10s")
     except (OSError, TimeoutError, ValueError) as exc:
         raise PysynthError(f"--scheduler {scheduler}: cannot connect ({str(exc).splitlines()[0]})") from None
-    kwargs = {
-        "model_dir": str(Path(folder).resolve()),
-        "input_mpp": input_mpp,
-        "device": device,
-        "config": config,
-    }
+    records = []
     with client:
-        futures = [
-            client.submit(
-                run_slide,
-                str(Path(p).resolve()),
-                str(Path(out).resolve()),
-                stem=stem,
-                overwrite=redo,
-                pure=False,
-                **kwargs,
-            )
-            for p, stem, redo in todo
-        ]
-        order = {f.key: i for i, f in enumerate(futures)}
-        records: list[dict | None] = [None] * len(futures)
-        for future in tqdm(as_completed(futures), total=len(futures), desc="slides", unit="slide", dynamic_ncols=True):
-            i = order[future.key]
+        for path, stem, redo in tqdm(todo, desc="slides", unit="slide", dynamic_ncols=True, position=0):
+            bar = tqdm(desc=stem[:24], unit="region", dynamic_ncols=True, position=1, leave=False)
+
+            def progress(done: int, total: int, nuclei: int, bar: tqdm = bar) -> None:
+                bar.total = total
+                bar.n = done
+                bar.set_postfix(nuclei=nuclei, refresh=False)
+                bar.refresh()
+
             try:
-                records[i] = future.result()
-            except Exception as exc:  # a worker died or the task could not run there
-                path = todo[i][0]
-                records[i] = {"slide": str(path), "status": "failed", "error": f"{path}: {exc}"}
-    return [r for r in records if r is not None]
+                record = run_slide(
+                    str(Path(path).resolve()), str(Path(out).resolve()), model_dir=str(Path(folder).resolve()),
+                    input_mpp=input_mpp, device=device, config=config, overwrite=redo, stem=stem,
+                    progress=progress, stop=stop, client=client,
+                )  # fmt: skip
+                records.append(record)
+            finally:
+                bar.close()
+    return records

@@ -227,6 +227,69 @@ def run_regions(
     return True
 
 
+def region_task(
+    slide: str,
+    input_mpp: float | None,
+    model_dir: str,
+    device: str,
+    config: InferConfig,
+    colour: dict[str, Any],
+    region: Region,
+) -> dict[str, Any]:
+    """One region of a slide, anywhere (a Dask worker): read, normalise, network, instances; returns its record.
+
+    The record is what :func:`run_regions` saves for the region (the same functions on the same pixels, so the
+    same nuclei); the caller saves it, so one writer assembles the slide. The model is loaded once per worker
+    process (:func:`~pysynth.infer.network.inference_model`).
+    """
+    from pysynth.io import open_slide
+    from pysynth.segment import resolve_device
+
+    model, info = inference_model(model_dir)
+    model = model.to(resolve_device(device))
+    mpp = info.mpp
+    with open_slide(slide, input_mpp) as reader:
+        slide_hw = slide_extent(reader, mpp)
+        origin = window_box(region, config.margin, slide_hw)[:2]
+        window = read_window(reader, region, mpp, config.margin, slide_hw)
+        f = mpp / reader.mpp
+    normalised = ColourModel(colour["method"], colour["params"]).apply(window, lookup=False)
+    maps = Network(model, config, info.has_classes)(normalised)
+    lymphocyte = maps[2] if info.has_classes else None
+    instances = config.instances(info.instances)
+    nuclei = region_nuclei(window, maps[0], maps[1], region, origin, instances, mpp, f, slide_hw, lymphocyte)
+    return {"region": asdict(region), "nuclei": nuclei}
+
+
+def cluster_runner(client: Any, slide: str, input_mpp: float | None, model_dir: str, device: str, config: InferConfig):
+    """A region runner for :func:`infer_slide` that sends each region to a Dask cluster as a task.
+
+    Results are saved here as they come back (one writer; a task retried after a lost worker gives its region
+    once), ``on_region`` is called for each, and ``stop`` is polled between them (pending tasks are cancelled).
+    """
+    from distributed import as_completed
+
+    def run(todo: list[Region], colour: ColourModel, parts: Path, on_region, stop) -> bool:
+        futures = {
+            client.submit(region_task, slide, input_mpp, model_dir, device, config, asdict(colour), r, pure=False): r
+            for r in todo
+        }
+        pending = set(futures)
+        for future in as_completed(list(futures)):
+            record = future.result()  # a task that failed on every try fails the slide, with its error
+            region = futures[future]
+            atomic_write_text(parts / f"{region.index:06d}.json", json.dumps(record, separators=(",", ":")))
+            pending.discard(future)
+            if on_region is not None:
+                on_region(len(record["nuclei"]))
+            if stop is not None and stop():
+                client.cancel(list(pending))
+                return False
+        return True
+
+    return run
+
+
 def infer_slide(
     reader: SlideReader,
     model: UNet,
@@ -238,6 +301,7 @@ def infer_slide(
     overwrite: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
     stop: Callable[[], bool] | None = None,
+    runner: Callable[..., bool] | None = None,
 ) -> SlideResult:
     """Segment every nucleus of one slide into ``slide_dir`` (resuming what an earlier run left).
 
@@ -252,6 +316,9 @@ def infer_slide(
         progress: Called as ``progress(done_regions, total_regions, nuclei_so_far)``.
         stop: Polled between regions; when it returns True the run stops after saving the current region and
             raises :class:`KeyboardInterrupt`.
+        runner: Runs the regions elsewhere instead of :func:`run_regions` here, called as ``runner(todo, colour,
+            parts, on_region, stop)`` and returning False when stopped (:func:`cluster_runner`: a Dask cluster).
+            Planning, the colour fit and the outputs stay here.
 
     Returns:
         The slide's :class:`SlideResult`; ``skipped`` when ``summary.json`` showed it finished.
@@ -288,11 +355,18 @@ def infer_slide(
         if progress is not None:
             progress(state["done"], len(regions), state["nuclei"])
 
-    network = Network(model, config, info.has_classes)
-    complete = run_regions(
-        reader, todo, network, colour, parts, mpp=mpp, margin=config.margin, instances=instances, timings=timings,
-        on_region=on_region, stop=stop,
-    )  # fmt: skip
+    if runner is not None:
+        t = time.perf_counter()
+        complete = runner(todo, colour, parts, on_region, stop)
+        timings.network += time.perf_counter() - t  # the cluster's wall time for the regions, all stages
+        device_name = "cluster"
+    else:
+        network = Network(model, config, info.has_classes)
+        complete = run_regions(
+            reader, todo, network, colour, parts, mpp=mpp, margin=config.margin, instances=instances,
+            timings=timings, on_region=on_region, stop=stop,
+        )  # fmt: skip
+        device_name = str(network.device)
     if not complete:
         raise KeyboardInterrupt
 
@@ -332,7 +406,7 @@ def infer_slide(
             "opencv": cv2.__version__,
             "python": platform.python_version(),
         },
-        "device": str(network.device),
+        "device": device_name,
         **class_summary,
     }
     # The page to look at, while the saved regions (its crops' outlines) are still there; before summary.json,
@@ -361,8 +435,12 @@ def run_slide(
     stem: str | None = None,
     progress: Callable[[int, int, int], None] | None = None,
     stop: Callable[[], bool] | None = None,
+    client: Any = None,
 ) -> dict[str, Any]:
     """Infer one slide from its path: the command line's unit of work, here, in a worker process or on Dask.
+
+    With a Dask ``client`` its regions go to the cluster as tasks (:func:`cluster_runner`) and the slide is
+    planned and written here.
 
     A problem with the slide or its outputs (unreadable, no resolution, other settings in its folder, disk full)
     becomes a ``"failed"`` record with a one-line ``error``, so the other slides go on; ``progress`` and ``stop``
@@ -385,10 +463,13 @@ def run_slide(
     model = model.to(resolve_device(device))
     stem = stem or Path(path).stem
     try:
+        runner = None
+        if client is not None:
+            runner = cluster_runner(client, str(Path(path).resolve()), input_mpp, str(folder.resolve()), device, config)
         with open_slide(path, input_mpp) as reader:
             result = infer_slide(
                 reader, model, info, Path(out_dir) / stem, config=config, model_id=model_digest(folder),
-                overwrite=overwrite, progress=progress, stop=stop,
+                overwrite=overwrite, progress=progress, stop=stop, runner=runner,
             )  # fmt: skip
     except SlideError as exc:
         return {"slide": str(path), "status": "failed", "error": str(exc)}
