@@ -25,11 +25,12 @@ demo: setup
 		--n-per-slide 16 --size 460 --seed 0 --preview
 	$(VENV)/bin/pysynth synthesize --source $(DEMO_OUT)/patches --n 2000 --size 200 --seed 0 --workers 2 \
 		--out $(DEMO_OUT)/synthetic --preview
-	$(VENV)/bin/pysynth infer pysynth/data/CMU-1-Small-Region.svs --out $(DEMO_OUT)/infer
+	$(VENV)/bin/pysynth infer pysynth/data/CMU-1-Small-Region.svs --out $(DEMO_OUT)/infer --labels ome-tiff
 	@echo "demo: real patches in $(DEMO_OUT)/patches (contact_sheet.png, overview/);"
 	@echo "      synthetic dataset in $(DEMO_OUT)/synthetic (preview.png: synthetic, outlined, real reference);"
 	@echo "      every nucleus of the sample slide, found by the shipped model, in $(DEMO_OUT)/infer/CMU-1-Small-Region"
-	@echo "      (nuclei.geojson for QuPath, csv/, summary.json, overlay.png)"
+	@echo "      (report.html to look at; nuclei.geojson for QuPath; nuclei.parquet for pandas; labels.ome.tif,"
+	@echo "      the label pyramid; csv/, summary.json, overlay.png); $(DEMO_OUT)/infer/index.html lists the slides"
 
 test: setup
 	$(PY) -m pytest

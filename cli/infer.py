@@ -114,8 +114,10 @@ def infer_command(
     """Segment every nucleus of whole slides (and images) into --out/<slide>/.
 
     Per slide: nuclei.geojson (QuPath detections: polygons in level-0 pixels, area, sub-pixel perimeter and shape,
-    centroid, mean haematoxylin, Confidence = mean segmentation probability, Detection peak), csv/ (polygons per region:
-    AreaInPixels,PhysicalSize,Polygon), overlay.png and summary.json. With the defaults the nuclei are those
+    centroid, haematoxylin and eosin, Confidence = mean segmentation probability, Detection peak), nuclei.parquet
+    (the same nuclei as a table, same ids), report.html (a page to look at), csv/ (polygons per region:
+    AreaInPixels,PhysicalSize,Polygon), overlay.png, summary.json, and with --labels ome-tiff labels.ome.tif (a
+    pyramid of nucleus ids); --out/index.html lists the slides. With the defaults the nuclei are those
     `pysynth segment` finds on the same pixels. Interrupted runs resume (finished slides are skipped, finished
     regions kept; other --tta, --min-confidence or region settings are refused without --overwrite); Ctrl-C
     once stops after the current region.
