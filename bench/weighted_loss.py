@@ -61,7 +61,7 @@ def run(quick: bool = False) -> list:
             x = logits.requires_grad_()
 
             def step(fn, x=x, rest=rest) -> None:
-                loss, _ = fn(x, *rest)
+                loss, _ = fn(x, *rest, dice_weight=0.5)  # the training configuration: BCE + 0.5 soft Dice
                 torch.autograd.grad(loss.mean(), x)
 
             name = f"weighted_two_head_loss fwd+bwd N={n} {h}x{w} {str(dtype).removeprefix('torch.')}"

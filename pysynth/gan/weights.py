@@ -27,9 +27,26 @@ DEFAULT_CLIP = (0.2, 2.0)
 
 def _check_clip(clip: tuple[float, float]) -> tuple[float, float]:
     low, high = (float(v) for v in clip)
-    if not (0.0 <= low <= high) or math.isnan(high):
+    if not 0.0 <= low <= high:  # False for a NaN bound too
         raise ValueError(f"clip must be (low, high) with 0 <= low <= high, got {clip}")
     return low, high
+
+
+def check_weight_arguments(c: float, clip: tuple[float, float], eps: float) -> tuple[float, float, float, float]:
+    """``(c, low, high, eps)`` as floats, checked as :func:`importance_weights` needs them.
+
+    Shared with the fused loss op (``pysynth.kernels.weighted_loss``), so that both refuse the same arguments.
+
+    Raises:
+        ValueError: For ``c`` not finite and > 0, ``clip`` not ``0 <= low <= high``, or ``eps`` outside (0, 0.5).
+    """
+    # Comparisons rather than math.isfinite, which torch.compile cannot trace (NaN fails them all the same).
+    if not 0 < c < math.inf:
+        raise ValueError(f"c must be finite and > 0, got {c}")
+    if not 0 < eps < 0.5:
+        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+    low, high = _check_clip(clip)
+    return float(c), low, high, float(eps)
 
 
 def importance_weights(
@@ -37,6 +54,8 @@ def importance_weights(
     c: float = 1.0,
     clip: tuple[float, float] = DEFAULT_CLIP,
     eps: float = 1e-6,
+    *,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Per-sample importance weights ``w = clip(c · D/(1 − D))`` from D's map of Pr(real).
 
@@ -46,14 +65,20 @@ def importance_weights(
     estimate must not up-weight a sample. Computed without gradient; the result never carries one, so the
     segmenter's loss cannot push D through the weights.
 
+    This is the one definition of the weights. Joint training logs it, and the fused loss op
+    (``pysynth::weighted_two_head_loss`` in ``pysynth.kernels.weighted_loss``) trains with it: its PyTorch path
+    calls this function and its Triton kernel re-expresses these same steps, in float64 too, so the weights logged
+    and the weights trained with are the same numbers (the tests hold the kernel to this function).
+
     Args:
         d_prob_map: Probabilities Pr(real) (``sigmoid`` of D's logits) for the synthetic samples.
         c: Prior ratio ``π_s/π_r`` of D's training (see :func:`ratio_constant`); 1 for balanced training.
         clip: ``(low, high)`` bounds of the weights (``high`` may be ``math.inf``).
         eps: Clamp of ``D`` away from 0 and 1, in ``(0, 0.5)``.
+        dtype: Of the result; the weights are computed in float64 whatever it is.
 
     Returns:
-        float32 weights, detached, on ``d_prob_map``'s device.
+        ``dtype`` weights (float32 by default), detached, on ``d_prob_map``'s device.
 
     Raises:
         ValueError: For a bad ``c``, ``clip`` or ``eps``, or an input without a batch axis.
@@ -62,11 +87,7 @@ def importance_weights(
         - d_prob_map: ``(N,)``, ``(N, H', W')`` or ``(N, 1, H', W')``.
         - Output: ``(N,)``.
     """
-    if not (math.isfinite(c) and c > 0):
-        raise ValueError(f"c must be finite and > 0, got {c}")
-    if not 0 < eps < 0.5:
-        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
-    low, high = _check_clip(clip)
+    c, low, high, eps = check_weight_arguments(c, clip, eps)
     if d_prob_map.ndim < 1:
         raise ValueError(f"d_prob_map needs a batch axis, got shape {tuple(d_prob_map.shape)}")
     with torch.no_grad():
@@ -76,7 +97,7 @@ def importance_weights(
         bad = torch.isnan(d)
         d = d.nan_to_num(0.5).clamp(eps, 1.0 - eps)
         w = (c * d / (1.0 - d)).clamp(low, high)
-        return w.masked_fill(bad, low).float()
+        return w.masked_fill(bad, low).to(dtype)
 
 
 def ratio_constant(n_real: float, n_synthetic: float) -> float:

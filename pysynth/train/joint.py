@@ -37,6 +37,7 @@ from pysynth.gan.losses import GanLossConfig, discriminator_loss, refiner_loss
 from pysynth.gan.models import Discriminator, GanConfig, HistoryBuffer, Refiner
 from pysynth.gan.weights import importance_weights, weight_report
 from pysynth.instances import InstanceConfig
+from pysynth.kernels.weighted_loss import weighted_two_head_loss
 from pysynth.models.io import normalise, save_model
 from pysynth.models.unet import UNet
 from pysynth.train.config import TrainConfig, dump_config
@@ -575,10 +576,9 @@ def train_joint(
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = segmenter(batch["image"]).float()
-            weighted = joint.importance and d_map is not None
-            if weighted and config.dice_weight == 0:
-                from pysynth.kernels.weighted_loss import weighted_two_head_loss
-
+            if joint.importance and d_map is not None:
+                # The fused op (Triton on CUDA): w = c·D/(1 − D) from D's map, the pixel-weighted BCE and soft Dice
+                # of both heads in one reduction; its mean is two_head_loss with those weights and this dice_weight.
                 per_sample, used = weighted_two_head_loss(
                     logits,
                     batch["detection"],
@@ -588,12 +588,13 @@ def train_joint(
                     c=joint.c,
                     clip_lo=clip_lo,
                     clip_hi=clip_hi,
+                    dice_weight=config.dice_weight,
                 )
                 loss = per_sample.mean()
                 with torch.no_grad():
                     _, parts = two_head_loss(logits, batch["detection"], batch["segmentation"], batch["weights"])
             else:
-                used = record["d_weights"] if weighted else batch["sample_weight"]
+                used = batch["sample_weight"]
                 loss, parts = two_head_loss(
                     logits,
                     batch["detection"],

@@ -79,6 +79,48 @@ def test_weights_carry_no_gradient() -> None:
 def test_importance_weights_reject_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         importance_weights(maps(0.5), **kwargs)
+    # The fused loss op checks its scalars with the same function, so it refuses the same arguments.
+    from pysynth.kernels.weighted_loss import weighted_two_head_loss
+
+    clip = kwargs.pop("clip", DEFAULT_CLIP)
+    with pytest.raises(ValueError, match=match):
+        weighted_two_head_loss(
+            torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), torch.ones(2, 2), maps(0.5),
+            clip_lo=clip[0], clip_hi=clip[1], **kwargs,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_the_fused_loss_trains_with_these_very_weights(use_triton: bool) -> None:
+    # One formula: the weights pysynth::weighted_two_head_loss multiplies each sample's loss by (and returns) are
+    # this function's numbers, on its PyTorch path (which calls it) and in its Triton kernel (which re-expresses it
+    # in float64; run by the interpreter here), for float32 and float64 logits.
+    if use_triton:
+        pytest.importorskip("triton")
+    from pysynth.kernels.weighted_loss import weighted_two_head_loss
+
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    d = torch.rand(n, 1, 5, 5, generator=g)
+    d[0], d[1], d[3] = 1e-7, 1 - 1e-7, 0.5  # clipped up, clipped down (or 1e6 unclipped), exactly c
+    d[2, 0, 0, 0] = math.nan
+    logits = 3 * torch.randn(n, 2, 6, 5, generator=g)
+    det, seg, pw = (torch.rand(n, 6, 5, generator=g) for _ in range(3))
+    for c, clip in ((1.0, DEFAULT_CLIP), (2.5, (0.1, math.inf)), (0.3, NO_CLIP)):
+        for dtype in (torch.float32, torch.float64):
+            loss, used = weighted_two_head_loss(
+                logits.to(dtype), det, seg, pw, d, c=c, clip_lo=clip[0], clip_hi=clip[1], dice_weight=0.5,
+                use_triton=use_triton,
+            )  # fmt: skip
+            expected = importance_weights(d, c, clip, dtype=dtype)
+            assert used.dtype == dtype
+            torch.testing.assert_close(used, expected, rtol=1e-15, atol=0)
+            # ... and the loss is linear in them: the same loss at weight 1 (D = 0.5, c = 1), scaled.
+            unit, _ = weighted_two_head_loss(
+                logits.to(dtype), det, seg, pw, torch.full((n, 1), 0.5), dice_weight=0.5, use_triton=use_triton
+            )
+            torch.testing.assert_close(loss, expected * unit, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+    assert importance_weights(maps(0.5), dtype=torch.float64).dtype == torch.float64
 
 
 def test_ratio_constant() -> None:

@@ -126,8 +126,8 @@ def test_a_joint_run_writes_all_three_networks_and_the_pictures(tmp_path: Path, 
 
 
 def test_interrupted_joint_run_resumes_exactly(tmp_path: Path, dataset: Path) -> None:
-    # Without Dice the segmenter's loss is the fused importance-weighted op (its PyTorch twin on the CPU).
-    config, joint = _config(dice_weight=0.0), _joint()
+    # The segmenter's loss (default Dice) is the fused importance-weighted op: its PyTorch path on the CPU.
+    config, joint = _config(), _joint()
     train_joint(config, joint, tmp_path / "straight", synthetic=dataset)
 
     def stop_at_four(step: int, _parts: dict) -> None:
@@ -178,9 +178,9 @@ def _direct_per_sample_loss(logits: torch.Tensor, det: torch.Tensor, seg: torch.
 
 @pytest.mark.parametrize("dice_weight", [0.0, 0.5])
 def test_each_samples_loss_scales_with_its_importance_weight(dice_weight: float) -> None:
-    # The segmenter's loss in joint training is the batch mean of w_n · L_n: without Dice the fused op (on the CPU its
-    # PyTorch twin) given D's map, whose weights are w = D/(1 - D) at c = 1; with Dice two_head_loss given the
-    # weights. These are train_joint's two paths; a weight must scale its own sample's loss and gradient, exactly.
+    # The segmenter's loss in joint training is the batch mean of w_n · L_n, from the fused op (on the CPU its
+    # PyTorch path) given D's map, whose weights are w = D/(1 - D) at c = 1, with or without Dice. A weight must
+    # scale its own sample's loss and gradient, exactly.
     from pysynth.kernels.weighted_loss import weighted_two_head_loss
 
     g = torch.Generator().manual_seed(0)
@@ -191,17 +191,16 @@ def test_each_samples_loss_scales_with_its_importance_weight(dice_weight: float)
     pw = 0.1 + torch.rand(n, h, w, generator=g, dtype=torch.float64)
 
     def loss_and_grad(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if dice_weight == 0:
-            d_map = (weights / (1 + weights))[:, None, None].expand(n, 4, 4)  # D's map, the same in every cell
-            per_sample, used = weighted_two_head_loss(logits, det, seg, pw, d_map, clip_lo=0.1, clip_hi=4.0)
-            torch.testing.assert_close(used, weights, rtol=1e-9, atol=0)
-            loss = per_sample.mean()
-        else:
-            loss, _ = two_head_loss(logits, det, seg, pw, weights, dice_weight=dice_weight)
-        (grad,) = torch.autograd.grad(loss, logits)
-        return loss.detach(), grad
+        d_map = (weights / (1 + weights))[:, None, None].expand(n, 4, 4)  # D's map, the same in every cell
+        per_sample, used = weighted_two_head_loss(
+            logits, det, seg, pw, d_map, clip_lo=0.1, clip_hi=4.0, dice_weight=dice_weight
+        )
+        torch.testing.assert_close(used, weights, rtol=1e-9, atol=0)
+        (grad,) = torch.autograd.grad(per_sample.mean(), logits)
+        return per_sample.mean().detach(), grad
 
-    # Each sample's own loss: written out for the BCE; with Dice, that of the sample alone in an unweighted batch.
+    # Each sample's own loss: written out for the BCE; with Dice, that of the sample alone in an unweighted batch of
+    # the unfused two_head_loss.
     if dice_weight == 0:
         alone = _direct_per_sample_loss(logits.detach(), det, seg, pw)
     else:
@@ -227,9 +226,11 @@ def test_weights_without_refiner_come_from_d_on_initial_patches(
 ) -> None:
     import pysynth.train.joint as joint_module
 
-    # Record the weights D gives and the sample weights the segmenter's loss is given (default Dice: two_head_loss).
+    # Record the weights D gives and the sample weights the segmenter's loss is given: weight 1 in two_head_loss
+    # before D is trained, then the fused op's importance weights from D's map.
     judged: list[torch.Tensor] = []
     used: list[torch.Tensor] = []
+    fused = joint_module.weighted_two_head_loss
 
     def recording_weights(*args, **kwargs):
         out = importance_weights(*args, **kwargs)
@@ -241,8 +242,14 @@ def test_weights_without_refiner_come_from_d_on_initial_patches(
             used.append(sample_weights.detach().clone())
         return two_head_loss(logits, detection, segmentation, pixel_weights, sample_weights, **kwargs)
 
+    def recording_fused(*args, **kwargs):
+        per_sample, weights = fused(*args, **kwargs)
+        used.append(weights.clone())
+        return per_sample, weights
+
     monkeypatch.setattr(joint_module, "importance_weights", recording_weights)
     monkeypatch.setattr(joint_module, "two_head_loss", recording_loss)
+    monkeypatch.setattr(joint_module, "weighted_two_head_loss", recording_fused)
     joint = _joint(refiner=False)
     summary = train_joint(_config(), joint, tmp_path / "m", synthetic=dataset)
     assert not (tmp_path / "m" / "refiner.pt").exists()
@@ -263,6 +270,75 @@ def test_weights_without_refiner_come_from_d_on_initial_patches(
     assert not all(torch.equal(d, torch.ones_like(d)) for d in judged[:3])  # D's weights, not ones
     logged = torch.cat(used)
     assert (row["w_min"], row["w_max"]) == (float(logged.min()), float(logged.max()))
+
+
+def test_gan_with_the_default_loss_runs_the_fused_op(
+    run_cli, tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `train --gan` with the default loss (dice_weight 0.5, as in every shipped configuration) computes the
+    # segmenter's loss on every importance-weighted step with the fused op pysynth::weighted_two_head_loss (Triton on
+    # CUDA), not with the unfused two_head_loss; and the fused loss is the unfused one given the logged weights.
+    import yaml
+
+    import pysynth.train.joint as joint_module
+
+    assert "dice_weight" not in TINY
+    assert TrainConfig().dice_weight == 0.5
+    fused = joint_module.weighted_two_head_loss
+    calls: list[dict] = []
+    unfused: list[torch.Tensor] = []
+
+    def recording_fused(logits, detection, segmentation, pixel_weights, d_map, **kwargs):
+        per_sample, weights = fused(logits, detection, segmentation, pixel_weights, d_map, **kwargs)
+        with torch.no_grad():
+            expected, _ = two_head_loss(
+                logits, detection, segmentation, pixel_weights, weights, dice_weight=kwargs["dice_weight"]
+            )
+        logged = importance_weights(d_map, kwargs["c"], (kwargs["clip_lo"], kwargs["clip_hi"]))
+        calls.append(
+            {**kwargs, "loss": per_sample.mean().detach(), "expected": expected, "w": weights, "logged": logged}
+        )
+        assert per_sample.requires_grad
+        return per_sample, weights
+
+    def recording_loss(logits, detection, segmentation, pixel_weights, sample_weights=None, **kwargs):
+        if sample_weights is not None and torch.is_grad_enabled():
+            unfused.append(sample_weights.detach().clone())
+        return two_head_loss(logits, detection, segmentation, pixel_weights, sample_weights, **kwargs)
+
+    monkeypatch.setattr(joint_module, "weighted_two_head_loss", recording_fused)
+    monkeypatch.setattr(joint_module, "two_head_loss", recording_loss)
+    (tmp_path / "gan.yaml").write_text(yaml.safe_dump({**TINY, "joint": TINY_GAN}))
+    folder = tmp_path / "m"
+    result = run_cli("train", "--synthetic", dataset, "--out", folder, "--config", tmp_path / "gan.yaml", "--gan")
+    assert result.code == 0, result.err
+    assert yaml.safe_load((folder / "config.yaml").read_text())["dice_weight"] == 0.5
+    # Steps 0 and 1 (segmenter and D warm-ups) weigh every sample 1 in two_head_loss; steps 2-4 weigh by D's map.
+    assert len(unfused) == 2
+    assert all(torch.equal(u, torch.ones_like(u)) for u in unfused)
+    assert len(calls) == 3
+    for call in calls:
+        assert (call["dice_weight"], call["c"], call["clip_lo"], call["clip_hi"]) == (0.5, 1.0, 0.2, 2.0)
+        torch.testing.assert_close(call["loss"], call["expected"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(call["w"], call["logged"], rtol=0, atol=0)  # trained with = logged
+    (row,) = _rows(folder)
+    weights = torch.cat([call["w"] for call in calls] + unfused)
+    assert (row["w_min"], row["w_max"]) == (float(weights.min()), float(weights.max()))
+
+
+@pytest.mark.needs_cuda
+def test_joint_training_on_cuda_runs_the_triton_kernels(
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("triton")
+    from pysynth.kernels import weighted_loss
+
+    launched: list[str] = []
+    forward, backward = weighted_loss._forward_triton, weighted_loss._backward_triton
+    monkeypatch.setattr(weighted_loss, "_forward_triton", lambda *a: launched.append("fwd") or forward(*a))
+    monkeypatch.setattr(weighted_loss, "_backward_triton", lambda *a: launched.append("bwd") or backward(*a))
+    train_joint(_config(), _joint(), tmp_path / "m", synthetic=dataset, device="cuda")
+    assert launched == ["fwd", "bwd"] * 3  # the three importance-weighted steps, default dice_weight 0.5
 
 
 def test_no_reference_no_importance_no_hard(tmp_path: Path, dataset: Path) -> None:
