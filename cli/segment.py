@@ -70,6 +70,7 @@ def segment_command(
     from pysynth.models.io import model_digest, resolve_model_dir
     from pysynth.segment import MAX_PIXELS, output_paths, resolve_device, segment_image, write_outputs
     from pysynth.sources import collect_sources
+    from pysynth.table import TABLE_VERSION
 
     setup_logging()
     keep_freed_memory()  # the network's large activations are reused, not mapped afresh (infer does the same)
@@ -88,6 +89,9 @@ def segment_command(
         "tta": tta,
         "min_confidence": instances.min_confidence,
         "precision": precision,
+        # The per-nucleus table's version: images segmented before the table (or with another) are redone with
+        # --overwrite, not kept without one.
+        "table": TABLE_VERSION,
     }
     if info.has_classes:  # recorded only for models with a class output, so earlier folders still match
         run_settings["lymphocyte_threshold"] = threshold

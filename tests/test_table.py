@@ -155,3 +155,28 @@ def test_infer_writes_the_table_and_refuses_a_slide_of_older_measurements(run_cl
     assert "Traceback" not in again.err
     assert any("measurements 2 -> 3" in line for line in again.error_lines()), again.err
     assert (out / "t" / TABLE).read_bytes() == before
+
+
+def test_segment_refuses_images_made_before_the_table_in_one_line(run_cli, tmp_path: Path, tissue) -> None:
+    image = tmp_path / "in" / "t.png"
+    image.parent.mkdir()
+    cv2.imwrite(str(image), cv2.cvtColor(tissue, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "seg"
+    assert run_cli("segment", image, "--input-mpp", "0.25", "--out", out).code == 0
+    assert read_table(out / "t_nuclei.parquet").num_rows > 30
+    # What a folder of an earlier version holds: the same results without a table, settings without its version.
+    from pysynth.ledger import LEDGER
+
+    (out / "t_nuclei.parquet").unlink()
+    lines = (out / LEDGER).read_text().splitlines()
+    old = [line.replace(f'"table":{TABLE_VERSION},', "").replace(',"t_nuclei.parquet"', "") for line in lines]
+    (out / LEDGER).write_text("\n".join(old) + "\n")
+    before = (out / "t.geojson").read_bytes()
+    again = run_cli("segment", image, "--input-mpp", "0.25", "--out", out)
+    assert again.code == 1
+    assert "Traceback" not in again.err
+    assert any("table" in line and "--overwrite" in line for line in again.error_lines()), again.err
+    assert (out / "t.geojson").read_bytes() == before
+    redo = run_cli("segment", image, "--input-mpp", "0.25", "--out", out, "--overwrite")
+    assert redo.code == 0
+    assert read_table(out / "t_nuclei.parquet").num_rows > 30
