@@ -133,10 +133,10 @@ def infer_command(
     from pysynth.infer import SUMMARY, InferConfig, inference_model, run_slide
     from pysynth.ledger import Ledger, file_identity
     from pysynth.models.io import read_model_info, resolve_model_dir
+    from pysynth.runs import StopAtStepEnd
     from pysynth.segment import resolve_device
     from pysynth.sources import collect_sources
     from pysynth.table import TABLE
-    from pysynth.train.loop import StopAtStepEnd
 
     setup_logging()
     paths = collect_sources(slides)

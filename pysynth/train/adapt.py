@@ -301,9 +301,10 @@ def adapt(
     import yaml
 
     from pysynth.models.io import model_digest, read_model_info
+    from pysynth.runs import claim_run
     from pysynth.synth.generate import collect_real_tiles
     from pysynth.train.config import dump_config
-    from pysynth.train.loop import VAL_OFFSET, claim_run, train
+    from pysynth.train.loop import VAL_OFFSET, train
 
     info = read_model_info(model_dir)
     if base.model != info.unet:

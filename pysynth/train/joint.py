@@ -18,12 +18,11 @@ a run stopped at any moment resumes to the same weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -32,35 +31,27 @@ import numpy as np
 import torch
 
 from pysynth.errors import PysynthError
-from pysynth.fsutil import atomic_write_text
 from pysynth.gan.losses import GanLossConfig, discriminator_loss, refiner_loss
 from pysynth.gan.models import Discriminator, GanConfig, HistoryBuffer, Refiner
 from pysynth.gan.weights import importance_weights, weight_report
-from pysynth.instances import InstanceConfig
 from pysynth.kernels.weighted_loss import weighted_two_head_loss
 from pysynth.models.io import normalise, save_model
 from pysynth.models.unet import UNet
+from pysynth.runs import sources_files
 from pysynth.train.config import TrainConfig, dump_config
 from pysynth.train.loop import (
-    CHECKPOINT,
-    SNAPSHOTS,
     VAL_OFFSET,
     WORK,
     ItemMaker,
-    StopAtStepEnd,
-    _atomic_torch_save,
-    _batch_tensors,
-    _lr_at,
-    _sources_file,
-    choose_thresholds,
-    claim_run,
-    init_segmenter,
+    batch_tensors,
     item_targets,
-    load_checkpoint,
     make_source,
-    predict_batch,
-    write_losses,
+    new_segmenter,
+    segmenter_update,
+    set_lr,
+    validate_thresholds,
 )
+from pysynth.train.run import StepResult, TrainingRun, atomic_torch_save
 from pysynth.train.targets import two_head_loss
 
 log = logging.getLogger("pysynth")
@@ -349,38 +340,14 @@ def _frozen(*modules: torch.nn.Module | None) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-# --- run folder and checkpoint --------------------------------------------------------------------------------
-
-
-def _load_checkpoint(path: Path, nets: dict[str, Any], history: HistoryBuffer | None) -> dict[str, Any]:
-    """Restore networks and optimisers in place; returns the loop's counters.
-
-    Raises:
-        PysynthError: If the file is unreadable, not a joint-training checkpoint, or does not fit the networks.
-    """
-    advice = "delete it or train with --overwrite"
-    state = load_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
-    try:
-        for name, module in nets.items():
-            if (module is None) != (state.get(name) is None):
-                raise ValueError(f"{name}: {'absent from' if module is None else 'missing in'} the checkpoint")
-            if module is not None:
-                module.load_state_dict(state[name])
-        if (history is None) != (state.get("history") is None):
-            raise ValueError("the image history does not match")
-        if history is not None:
-            history.load_state_dict(state["history"])
-        return {k: state[k] for k in ("step", "wall_s", "rows", "window", "warned", "g_steps", "d_steps")}
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise PysynthError(f"{path}: checkpoint does not fit this configuration ({first}); {advice}") from None
+# --- refiner and discriminator files --------------------------------------------------------------------------
 
 
 def _save_gan(path: Path, module: Refiner | Discriminator) -> None:
     """Weights (fp32, CPU) with the network's kind and shape, so :func:`load_gan` needs nothing else."""
     state = {k: v.detach().to("cpu", torch.float32) for k, v in module.state_dict().items()}
     kind = "refiner" if isinstance(module, Refiner) else "discriminator"
-    _atomic_torch_save({"format": GAN_FORMAT, "kind": kind, "gan": module.config.to_dict(), "state_dict": state}, path)
+    atomic_torch_save({"format": GAN_FORMAT, "kind": kind, "gan": module.config.to_dict(), "state_dict": state}, path)
 
 
 def load_gan(path: str | Path) -> Refiner | Discriminator:
@@ -403,6 +370,54 @@ def load_gan(path: str | Path) -> Refiner | Discriminator:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise PysynthError(f"{path}: not a refiner or discriminator of joint training ({first})") from None
     return module.eval()
+
+
+@dataclass
+class _Nets:
+    """The networks, optimisers and image history of joint training: what its checkpoint holds besides the run's.
+
+    Field names are the checkpoint's keys (``history`` too); a network the configuration leaves out is None.
+    """
+
+    segmenter: UNet
+    seg_optimiser: torch.optim.Optimizer
+    refiner: Refiner | None
+    g_optimiser: torch.optim.Optimizer | None
+    discriminator: Discriminator | None
+    d_optimiser: torch.optim.Optimizer | None
+    history: HistoryBuffer | None
+
+    @classmethod
+    def build(cls, config: TrainConfig, joint: JointConfig, device: torch.device) -> _Nets:
+        """Fresh networks; the segmenter first, so that its initial weights are those of plain training."""
+        segmenter, seg_opt = new_segmenter(config, device)
+        refiner = Refiner(joint.gan).to(device, memory_format=torch.channels_last) if joint.refiner else None
+        disc = (
+            Discriminator(joint.gan).to(device, memory_format=torch.channels_last) if joint.uses_discriminator else None
+        )
+        g_opt = torch.optim.Adam(refiner.parameters(), lr=joint.lr_g, betas=joint.betas) if refiner else None
+        d_opt = torch.optim.Adam(disc.parameters(), lr=joint.lr_d, betas=joint.betas) if disc else None
+        history = HistoryBuffer(joint.history, fraction=joint.history_fraction, seed=config.seed) if disc else None
+        return cls(segmenter, seg_opt, refiner, g_opt, disc, d_opt, history)
+
+    def state(self) -> dict[str, Any]:
+        """Every part's ``state_dict()`` (None for an absent one), under its field name."""
+        return {f.name: None if (v := getattr(self, f.name)) is None else v.state_dict() for f in fields(self)}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Load a checkpoint's parts in place.
+
+        Raises:
+            ValueError: If a part is present in the checkpoint but absent here, or the reverse.
+        """
+        for f in fields(self):
+            part = getattr(self, f.name)
+            if (part is None) != (saved.get(f.name) is None):
+                if f.name == "history":
+                    raise ValueError("the image history does not match")
+                raise ValueError(f"{f.name}: {'absent from' if part is None else 'missing in'} the checkpoint")
+            if part is not None:
+                part.load_state_dict(saved[f.name])
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
@@ -462,189 +477,141 @@ def train_joint(
             "reference crops are taken at the synthesis resolution"
         )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    claim_run(
+    run = TrainingRun(
         out_dir,
-        {"config.yaml": dump_config(config), JOINT_CONFIG: dump_joint_config(joint), **_sources_file(real, synthetic)},
+        config,
+        checkpoint_format=CHECKPOINT_FORMAT,
+        checkpoint_version=CHECKPOINT_VERSION,
+        columns=COLUMNS,
+        make_row=lambda run, lr: _row(run, lr, joint),
+        progress=progress,
+        counters={"warned": False, "g_steps": 0, "d_steps": 0},
+    )
+    run.claim(
+        {"config.yaml": dump_config(config), JOINT_CONFIG: dump_joint_config(joint), **sources_files(real, synthetic)},
         overwrite,
         stale=(REFINER, DISCRIMINATOR, GRID, HISTOGRAM),
     )
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
     device = torch.device(device)
-    # The segmenter first, so that its initial weights are those of plain training with the same seed.
-    segmenter = UNet(config.model).to(device, memory_format=torch.channels_last)
-    init_segmenter(segmenter, config)
-    seg_opt = torch.optim.AdamW(segmenter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    refiner = Refiner(joint.gan).to(device, memory_format=torch.channels_last) if joint.refiner else None
-    disc = Discriminator(joint.gan).to(device, memory_format=torch.channels_last) if joint.uses_discriminator else None
-    g_opt = torch.optim.Adam(refiner.parameters(), lr=joint.lr_g, betas=joint.betas) if refiner else None
-    d_opt = torch.optim.Adam(disc.parameters(), lr=joint.lr_d, betas=joint.betas) if disc else None
-    history = HistoryBuffer(joint.history, fraction=joint.history_fraction, seed=config.seed) if disc else None
-    nets = {
-        "segmenter": segmenter,
-        "seg_optimiser": seg_opt,
-        "refiner": refiner,
-        "g_optimiser": g_opt,
-        "discriminator": disc,
-        "d_optimiser": d_opt,
-    }
-    run = {"step": 0, "wall_s": 0.0, "rows": [], "window": [], "warned": False, "g_steps": 0, "d_steps": 0}
-    checkpoint_path = out_dir / CHECKPOINT
-    if checkpoint_path.exists():
-        run = _load_checkpoint(checkpoint_path, nets, history)
-        log.info("resuming at step %d of %d", run["step"], config.steps)
-        if progress is not None:
-            progress(run["step"], {})
+    nets = _Nets.build(config, joint, device)
+    misfit = "checkpoint does not fit this configuration ({}); delete it or train with --overwrite"
+    run.resume(nets.state, nets.restore, misfit)
     source = make_source(config, out_dir, real, synthetic, input_mpp)
     maker = ItemMaker(source, config)
     raw = _JointItems(source, _load_tiles(Path(synthetic) if synthetic is not None else out_dir / WORK), config, joint)
-    use_ref = joint.gan.use_reference
-    clip_lo, clip_hi = joint.weight_clip
+    nets.segmenter.train()
+    step = functools.partial(_joint_step, nets=nets, run=run, joint=joint, maker=maker, device=device)
+    run.run_steps(raw.batch, step, snapshot=nets.segmenter)  # the next step's raw items are made while one trains
+    return _finish(config, joint, out_dir, run, nets, maker, raw, device, sources_note)
 
-    def save_checkpoint() -> None:
-        state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **run}
-        state.update({k: None if v is None else v.state_dict() for k, v in nets.items()})
-        state["history"] = None if history is None else history.state_dict()
-        _atomic_torch_save(state, checkpoint_path)
-        write_losses(out_dir, run["rows"], COLUMNS)
 
-    def refine(images: torch.Tensor, refs: torch.Tensor | None) -> torch.Tensor:
-        assert refiner is not None
-        return refiner(normalise(images), None if refs is None else normalise(refs))
+def _joint_step(
+    step: int,
+    data: dict[str, Any],
+    *,
+    nets: _Nets,
+    run: TrainingRun,
+    joint: JointConfig,
+    maker: ItemMaker,
+    device: torch.device,
+) -> StepResult:
+    """Step ``step`` on its raw items: G refines, D steps, the weighted segmenter steps, G steps (on schedule)."""
+    config = run.config
+    segmenter, seg_opt, refiner, g_opt = nets.segmenter, nets.seg_optimiser, nets.refiner, nets.g_optimiser
+    disc, d_opt, history = nets.discriminator, nets.d_optimiser, nets.history
+    items = data["items"]
+    _check_sizes(items[0]["image"].shape[0], disc)  # cheap (arithmetic): the first step fails before any work
+    record: dict[str, Any] = {}
+    initial = _images([it["image"] for it in items], device)
+    refs = _images([it["reference"] for it in items], device) if joint.gan.use_reference else None
+    g_due = joint.g_step_at(step)
 
-    def judge(images: torch.Tensor, refs: torch.Tensor | None) -> torch.Tensor:
-        """D's map of Pr(real) on uint8 patches, no gradient."""
+    # G refines (with a graph only when G steps now); before gan_start G is the identity anyway.
+    refined = None
+    if refiner is not None and step >= joint.gan_start:
+        with torch.set_grad_enabled(g_due):
+            refined = refiner(normalise(initial), None if refs is None else normalise(refs))
+    shown = initial if refined is None else _to_uint8(refined)
+
+    if joint.d_step_at(step):
         assert disc is not None
+        assert d_opt is not None
+        assert history is not None
+        record.update(_d_step(disc, d_opt, history, shown, refs, data["real"], device))
+        run.counters["d_steps"] += 1
+
+    # Importance weights from D's map on (refined, reference), after D's update; no gradient.
+    d_map = None
+    if disc is not None and step >= joint.gan_start:
         with torch.no_grad():
-            return torch.sigmoid(disc(normalise(images), None if refs is None else normalise(refs)))
+            d_map = torch.sigmoid(disc(normalise(shown), None if refs is None else normalise(refs)))
+    if d_map is not None:
+        record["d_weights"] = importance_weights(d_map, joint.c, joint.weight_clip)
+        record["p_real"] = float(d_map.mean())
 
-    checked = False
-    segmenter.train()
-    # The next step's raw items are made while this one trains.
-    with StopAtStepEnd() as stop, ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(raw.batch, run["step"]) if run["step"] < config.steps else None
-        while run["step"] < config.steps:
-            step = run["step"]
-            started = time.perf_counter()
-            assert pending is not None
-            data = pending.result()
-            pending = pool.submit(raw.batch, step + 1) if step + 1 < config.steps else None
-            items = data["items"]
-            if not checked:
-                _check_sizes(items[0]["image"].shape[0], disc)
-                checked = True
-            record: dict[str, Any] = {}
-            initial = _images([it["image"] for it in items], device)
-            refs = _images([it["reference"] for it in items], device) if use_ref else None
-            g_due = joint.g_step_at(step)
+    # Order: refine the initial patch, then augment it for the segmenter. D compares refined patches with
+    # real crops that are not augmented, so its odds estimate p/g of the synthesis, not of augmentation
+    # artefacts (stain jitter, blur, noise, zoom); refining augmented crops would teach D to spot the
+    # augmentation, down-weight strongly augmented samples and make G undo it. The segmenter sees 8-bit
+    # refined pixels, as at inference. L_hard runs the segmenter on the refined patch itself (below).
+    patches = shown.permute(0, 2, 3, 1).cpu().numpy() if refined is not None else None
+    seg_items = [
+        maker.finish(it["index"], it["image"] if patches is None else patches[k], it["labels"])
+        for k, it in enumerate(items)
+    ]
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch_tensors(seg_items).items()}
+    lr = set_lr(seg_opt, step, config)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = segmenter(batch["image"]).float()
+    if joint.importance and d_map is not None:
+        # The fused op (Triton on CUDA): w = c·D/(1 − D) from D's map, the pixel-weighted BCE and soft Dice
+        # of both heads in one reduction; its mean is two_head_loss with those weights and this dice_weight.
+        per_sample, used = weighted_two_head_loss(
+            logits,
+            batch["detection"],
+            batch["segmentation"],
+            batch["weights"],
+            d_map,
+            c=joint.c,
+            clip_lo=joint.weight_clip[0],
+            clip_hi=joint.weight_clip[1],
+            dice_weight=config.dice_weight,
+        )
+        loss = per_sample.mean()
+        with torch.no_grad():
+            _, parts = two_head_loss(logits, batch["detection"], batch["segmentation"], batch["weights"])
+    else:
+        used = batch["sample_weight"]
+        loss, parts = two_head_loss(
+            logits,
+            batch["detection"],
+            batch["segmentation"],
+            batch["weights"],
+            used,
+            dice_weight=config.dice_weight,
+        )
+    segmenter_update(seg_opt, segmenter, loss)
+    record.update(parts, loss=float(loss.detach()), weights=used.detach().float().cpu())
 
-            # G refines (with a graph only when G steps now); before gan_start G is the identity anyway.
-            refined = None
-            if refiner is not None and step >= joint.gan_start:
-                with torch.set_grad_enabled(g_due):
-                    refined = refine(initial, refs)
-            shown = initial if refined is None else _to_uint8(refined)
+    if g_due:
+        assert g_opt is not None
+        assert disc is not None
+        assert refined is not None
+        with _frozen(disc, segmenter):
+            d_on_refined = disc(refined, None if refs is None else normalise(refs))
+            task = _hard_loss(segmenter, refined, data.get("hard"), config, device)
+            g_loss, g_parts = refiner_loss(refined, normalise(initial), d_on_refined, task, joint.loss)
+        g_opt.zero_grad(set_to_none=True)
+        g_loss.backward()
+        g_opt.step()
+        run.counters["g_steps"] += 1
+        record.update({column: g_parts[part] for part, column in _G_COLUMNS.items()})
 
-            if joint.d_step_at(step):
-                assert disc is not None
-                assert d_opt is not None
-                assert history is not None
-                record.update(_d_step(disc, d_opt, history, shown, refs, data["real"], device))
-                run["d_steps"] += 1
-
-            # Importance weights from D's map on (refined, reference), after D's update; no gradient.
-            d_map = judge(shown, refs) if disc is not None and step >= joint.gan_start else None
-            if d_map is not None:
-                record["d_weights"] = importance_weights(d_map, joint.c, joint.weight_clip)
-                record["p_real"] = float(d_map.mean())
-
-            # Order: refine the initial patch, then augment it for the segmenter. D compares refined patches with
-            # real crops that are not augmented, so its odds estimate p/g of the synthesis, not of augmentation
-            # artefacts (stain jitter, blur, noise, zoom); refining augmented crops would teach D to spot the
-            # augmentation, down-weight strongly augmented samples and make G undo it. The segmenter sees 8-bit
-            # refined pixels, as at inference. L_hard runs the segmenter on the refined patch itself (below).
-            patches = shown.permute(0, 2, 3, 1).cpu().numpy() if refined is not None else None
-            seg_items = [
-                maker.finish(it["index"], it["image"] if patches is None else patches[k], it["labels"])
-                for k, it in enumerate(items)
-            ]
-            batch = {k: v.to(device, non_blocking=True) for k, v in _batch_tensors(seg_items).items()}
-            lr = _lr_at(step, config)
-            for group in seg_opt.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = segmenter(batch["image"]).float()
-            if joint.importance and d_map is not None:
-                # The fused op (Triton on CUDA): w = c·D/(1 − D) from D's map, the pixel-weighted BCE and soft Dice
-                # of both heads in one reduction; its mean is two_head_loss with those weights and this dice_weight.
-                per_sample, used = weighted_two_head_loss(
-                    logits,
-                    batch["detection"],
-                    batch["segmentation"],
-                    batch["weights"],
-                    d_map,
-                    c=joint.c,
-                    clip_lo=clip_lo,
-                    clip_hi=clip_hi,
-                    dice_weight=config.dice_weight,
-                )
-                loss = per_sample.mean()
-                with torch.no_grad():
-                    _, parts = two_head_loss(logits, batch["detection"], batch["segmentation"], batch["weights"])
-            else:
-                used = batch["sample_weight"]
-                loss, parts = two_head_loss(
-                    logits,
-                    batch["detection"],
-                    batch["segmentation"],
-                    batch["weights"],
-                    used,
-                    dice_weight=config.dice_weight,
-                )
-            seg_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(segmenter.parameters(), 1.0)
-            seg_opt.step()
-            record.update(parts, loss=float(loss.detach()), weights=used.detach().float().cpu())
-
-            if g_due:
-                assert g_opt is not None
-                assert disc is not None
-                assert refined is not None
-                with _frozen(disc, segmenter):
-                    d_on_refined = disc(refined, None if refs is None else normalise(refs))
-                    task = _hard_loss(segmenter, refined, data.get("hard"), config, device)
-                    g_loss, g_parts = refiner_loss(refined, normalise(initial), d_on_refined, task, joint.loss)
-                g_opt.zero_grad(set_to_none=True)
-                g_loss.backward()
-                g_opt.step()
-                run["g_steps"] += 1
-                record.update({column: g_parts[part] for part, column in _G_COLUMNS.items()})
-
-            run["step"] = step = step + 1
-            run["wall_s"] += time.perf_counter() - started
-            # The window of steps since the last row is part of the checkpoint, so a resumed run logs the same rows.
-            run["window"].append({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in record.items()})
-            if step % LOG_EVERY == 0 or step == config.steps:
-                run["rows"].append(_row(run["window"], step, lr, run, joint))
-                run["window"] = []
-            if progress is not None:
-                shown_parts = {"loss": record["loss"], "w_mean": float(record["weights"].mean())}
-                shown_parts.update({k: record[k] for k in ("d_loss", "g_loss") if k in record})
-                progress(step, shown_parts)
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint()
-            if config.snapshot_every and step % config.snapshot_every == 0:
-                (out_dir / SNAPSHOTS).mkdir(exist_ok=True)
-                _atomic_torch_save(segmenter.state_dict(), out_dir / SNAPSHOTS / f"step_{step:06d}.pt")
-            if stop.requested:
-                save_checkpoint()
-                log.info("interrupted: checkpoint saved at step %d", step)
-                raise KeyboardInterrupt
-    summary = _finish(config, joint, out_dir, run, segmenter, refiner, disc, maker, raw, device, sources_note)
-    return summary
+    shown_parts = {"loss": record["loss"], "w_mean": float(record["weights"].mean())}
+    shown_parts.update({k: record[k] for k in ("d_loss", "g_loss") if k in record})
+    # The record joins the checkpointed logging window, so a resumed run logs the same rows.
+    record = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
+    return StepResult(record, lr, shown_parts)
 
 
 def _d_step(
@@ -713,8 +680,9 @@ def _hard_loss(
     return loss * float(side * side)
 
 
-def _row(window: list[dict[str, Any]], step: int, lr: float, run: dict[str, Any], joint: JointConfig) -> dict:
+def _row(run: TrainingRun, lr: float, joint: JointConfig) -> dict:
     """One logged row: means over the window (NaN for a network not updated in it) and the weights' report."""
+    window, step = run.window, run.step
 
     def mean(key: str) -> float:
         return _mean([r[key] for r in window if key in r])
@@ -740,13 +708,13 @@ def _row(window: list[dict[str, Any]], step: int, lr: float, run: dict[str, Any]
         "w_max": float(used.max()),
         "p_real": mean("p_real"),
         "collapsed": 0,
-        "wall_s": round(run["wall_s"], 2),
+        "wall_s": round(run.wall_s, 2),
     }
     judged = [r["d_weights"] for r in window if "d_weights" in r]
     if judged:
         report = weight_report(torch.cat(judged), joint.weight_clip)
         row["collapsed"] = int(report.collapsed)
-        if report.collapsed and not run["warned"]:
+        if report.collapsed and not run.counters["warned"]:
             share = report.frac_low if report.collapsed_at == "low" else report.frac_high
             log.warning(
                 "importance weights collapsed at step %d: %.0f%% at the %s clip bound (D finds every patch %s); "
@@ -756,7 +724,7 @@ def _row(window: list[dict[str, Any]], step: int, lr: float, run: dict[str, Any]
                 report.collapsed_at,
                 "fake" if report.collapsed_at == "low" else "real",
             )
-            run["warned"] = True
+            run.counters["warned"] = True
     return row
 
 
@@ -764,10 +732,8 @@ def _finish(
     config: TrainConfig,
     joint: JointConfig,
     out_dir: Path,
-    run: dict[str, Any],
-    segmenter: UNet,
-    refiner: Refiner | None,
-    disc: Discriminator | None,
+    run: TrainingRun,
+    nets: _Nets,
     maker: ItemMaker,
     raw: _JointItems,
     device: torch.device,
@@ -775,6 +741,8 @@ def _finish(
 ) -> dict[str, Any]:
     """Thresholds on held-out patches, pictures, and the model folder."""
     from pysynth.train.pictures import histogram_plot, refined_grid, write_png
+
+    segmenter, refiner, disc = nets.segmenter, nets.refiner, nets.discriminator
 
     segmenter.eval()
     use_ref = joint.gan.use_reference
@@ -799,15 +767,7 @@ def _finish(
                 weights.append(importance_weights(d_map, joint.c, joint.weight_clip).cpu().numpy())
     patches = np.concatenate(shown)
     val_items = [maker.finish(it["index"], patches[k], it["labels"]) for k, it in enumerate(held)]
-    maps = np.concatenate(
-        [
-            predict_batch(segmenter, np.stack([it["image"] for it in val_items[k : k + 16]]))
-            for k in range(0, len(val_items), 16)
-        ]
-    )
-    base = InstanceConfig(min_size=max(1, round(20 * (0.25 / config.synth.model_mpp) ** 2)))
-    best, table = choose_thresholds(maps, [it["labels"] for it in val_items], base)
-    atomic_write_text(out_dir / "validation.json", json.dumps({"chosen": asdict(best), "grid": table}, indent=1) + "\n")
+    best, table, _ = validate_thresholds(segmenter, val_items, config, out_dir)
 
     d_prob = np.concatenate(d_real) if d_real else None
     w = np.concatenate(weights) if weights else None
@@ -836,17 +796,13 @@ def _finish(
         _save_gan(out_dir / REFINER, refiner)
     if disc is not None:
         _save_gan(out_dir / DISCRIMINATOR, disc)
-    summary = {
-        "steps": run["step"],
-        "refiner_steps": run["g_steps"],
-        "discriminator_steps": run["d_steps"],
-        "train_wall_s": round(run["wall_s"], 1),
-        "sources": list(sources_note),
-        "train": json.loads(json.dumps(config.to_dict())),
-        "joint": _json_safe(joint.to_dict()),
-        "held_out_weights": None if report is None else _json_safe(report.to_dict()),
-        "collapse_warned": run["warned"],
-        "validation": table[0],
-    }
+    summary = run.summary(
+        sources_note,
+        {"refiner_steps": run.counters["g_steps"], "discriminator_steps": run.counters["d_steps"]},
+        joint=_json_safe(joint.to_dict()),
+        held_out_weights=None if report is None else _json_safe(report.to_dict()),
+        collapse_warned=run.counters["warned"],
+        validation=table[0],
+    )
     save_model(out_dir, segmenter, config.synth.model_mpp, best, summary)
     return summary

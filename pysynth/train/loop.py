@@ -1,20 +1,17 @@
-"""Training the two-head U-Net on synthetic patches: data, optimisation, checkpoints, threshold selection.
+"""Training the two-head U-Net on synthetic patches: data, optimisation, threshold selection.
 
 Batch ``t`` holds items ``t·B .. t·B + B - 1`` of the synthetic stream (or of a stored dataset), and item ``i``'s
 synthesis and augmentation depend on ``(seed, i)`` only; with the checkpoint holding the weights, optimiser and
-step, a resumed run continues exactly where the interrupted one stopped.
+step, a resumed run continues exactly where the interrupted one stopped. The run folder, checkpoints, logging and
+Ctrl-C are :class:`pysynth.train.run.TrainingRun`'s, shared with joint training.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,12 +20,14 @@ import numpy as np
 import torch
 
 from pysynth.errors import PysynthError
-from pysynth.fsutil import atomic_write_bytes, atomic_write_text
+from pysynth.fsutil import atomic_write_text
 from pysynth.instances import InstanceConfig, find_instances
 from pysynth.models.io import normalise, save_model
 from pysynth.models.unet import UNet
+from pysynth.runs import sources_files
 from pysynth.train.augment import augment
 from pysynth.train.config import TrainConfig, dump_config
+from pysynth.train.run import StepResult, TrainingRun
 from pysynth.train.targets import (
     IGNORE_LABEL,
     border_weights,
@@ -40,15 +39,11 @@ from pysynth.train.targets import (
 
 log = logging.getLogger("pysynth")
 
-CHECKPOINT = "checkpoint.pt"
-#: The content identity of what a run trains on (see :func:`sources_record`).
-SOURCES_FILE = "sources.yaml"
 CHECKPOINT_FORMAT = "pysynth-segmenter-checkpoint"
 CHECKPOINT_VERSION = 1
 LOSS_COLUMNS = ("step", "loss", "bce_detection", "bce_segmentation", "lr", "wall_s")
 #: The losses columns of a network with a class output.
 CLASS_LOSS_COLUMNS = ("step", "loss", "bce_detection", "bce_segmentation", "bce_lymphocyte", "lr", "wall_s")
-SNAPSHOTS = "snapshots"
 WORK = "work"
 #: Validation items come from their own stream, far from any training index.
 VAL_OFFSET = 1 << 40
@@ -181,131 +176,16 @@ def make_source(
     return lambda i: maker(i, seed=config.seed)
 
 
-def claim_run(
-    out_dir: Path,
-    files: dict[str, str],
-    overwrite: bool,
-    stale: Sequence[str] = (),
-    progress_files: Sequence[str] = (CHECKPOINT, "model.pt"),
-) -> None:
-    """Refuse a folder that holds a run with other settings (unless ``overwrite``); write the resolved configs.
-
-    A folder holds a run once it has made progress (a checkpoint or a model, ``progress_files``): until then a
-    failed start (sources without tissue, a typo in the config) leaves nothing to protect, and the corrected
-    command starts afresh with its own settings.
-
-    Args:
-        out_dir: The run folder.
-        files: ``{file name: resolved YAML}`` that define the run (configuration, sources).
-        overwrite: Start afresh: delete ``stale`` files (the checkpoint and losses always) instead of refusing.
-        stale: Further outputs of an earlier run to delete on ``overwrite``.
-        progress_files: Files whose presence means the run has made progress.
-
-    Raises:
-        PysynthError: If a file differs, the run has made progress and ``overwrite`` is off; the message lists
-            the changed keys.
-    """
-    import yaml
-
-    from pysynth.ledger import flatten
-
-    started = any((out_dir / name).exists() for name in progress_files)
-    if not overwrite and started:
-        for name, resolved in files.items():
-            path = out_dir / name
-            if not path.exists() and name != "config.yaml" and (out_dir / "config.yaml").exists():
-                log.warning("%s: the run has no record of its %s (an earlier pysynth); recording these", out_dir, name)
-            if path.exists() and path.read_text() != resolved:
-                old, new = flatten(yaml.safe_load(path.read_text()) or {}), flatten(yaml.safe_load(resolved))
-                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                if not changed:  # only comments differ (a source's path)
-                    continue
-                raise PysynthError(
-                    f"{out_dir}: holds a training run with other {'sources' if name == SOURCES_FILE else 'settings'} "
-                    f"({', '.join(changed)}); "
-                    "use another --out or --overwrite"
-                )
-    elif overwrite:
-        for name in (CHECKPOINT, "losses.csv", *stale):
-            (out_dir / name).unlink(missing_ok=True)
-    for name, resolved in files.items():
-        atomic_write_text(out_dir / name, resolved)
-
-
-def _sources_file(real: Sequence[Path], synthetic: Path | None) -> dict[str, str]:
-    return {SOURCES_FILE: sources_record(real, synthetic)} if real or synthetic is not None else {}
-
-
-def sources_record(real: Sequence[Path] = (), synthetic: Path | None = None) -> str:
-    """What a run trains on, as YAML for :func:`claim_run`: the content identity of every source file.
-
-    A ``pysynth sample`` folder counts by its ``manifest.csv``, a synthetic dataset by its ``index.json``, other
-    sources by each slide or image they name. Paths are kept for the reader; a resume compares contents (size and
-    hash, in order), so moved sources still resume and changed ones are refused.
-    """
-    import yaml
-
-    from pysynth.ledger import file_identity
-    from pysynth.sources import collect_sources
-    from pysynth.synth.store import INDEX_NAME
-
-    items = []
-    files: list[Path] = []
-    for r in real:
-        manifest = Path(r) / "manifest.csv"
-        files.extend([manifest] if manifest.is_file() else collect_sources([r]))
-    if synthetic is not None and (Path(synthetic) / INDEX_NAME).is_file():  # else the dataset check says why
-        files.append(Path(synthetic) / INDEX_NAME)
-    for f in files:
-        ident = file_identity(f)
-        items.append({"content": f"{ident['size']}:{ident['hash']}", "path": ident["path"]})
-    # The paths are comments: for the reader, not compared (a moved source folder still resumes).
-    comments = "".join(f"# {k}: {i['path']}\n" for k, i in enumerate(items))
-    return comments + yaml.safe_dump({"contents": [i["content"] for i in items]}, sort_keys=False)
-
-
-def load_checkpoint(path: Path, fmt: str, version: int) -> dict[str, Any]:
-    """A checkpoint's state (tensors and plain data only: nothing in it is executed).
-
-    Raises:
-        PysynthError: If the file is unreadable, of another kind of run, or of another version.
-    """
-    import pickle
-
-    advice = "delete it or train with --overwrite"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise PysynthError(f"{path}: corrupt or unreadable checkpoint ({first}); {advice}") from None
-    if not isinstance(state, dict) or state.get("format") != fmt:
-        kind = state.get("format", "an unknown kind") if isinstance(state, dict) else "an unknown kind"
-        raise PysynthError(f"{path}: checkpoint of {kind}, not {fmt}; {advice}")
-    if state.get("version") != version:
-        raise PysynthError(f"{path}: checkpoint version {state.get('version')}, this pysynth reads {version}")
-    return state
-
-
-def write_losses(out_dir: Path, rows: list[dict[str, float]], columns: Sequence[str]) -> None:
-    """``losses.csv`` (replaced whole) and ``loss_curve.png`` from the logged rows."""
-    part = out_dir / "losses.csv.part"
-    with part.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(columns))
-        writer.writeheader()
-        writer.writerows(rows)
-    part.replace(out_dir / "losses.csv")
-    if rows:
-        _plot_losses(rows, out_dir / "loss_curve.png")
-
-
-def _lr_at(step: int, config: TrainConfig) -> float:
+def lr_at(step: int, config: TrainConfig) -> float:
+    """The segmenter's learning rate at ``step``: linear warm-up, then cosine decay to 2% of ``config.lr``."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     t = (step - config.warmup) / max(1, config.steps - config.warmup)
     return config.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def _batch_tensors(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+def batch_tensors(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Items stacked into a batch: the normalised images (channels-last) and every target they carry."""
     images = torch.from_numpy(np.stack([it["image"] for it in items])).permute(0, 3, 1, 2)
     out = {"image": normalise(images).contiguous(memory_format=torch.channels_last)}
     for key in ("detection", "segmentation", "weights", "sample_weight", "lymphocyte", "class_weights"):
@@ -374,43 +254,6 @@ def choose_thresholds(
     return best, table
 
 
-class StopAtStepEnd:
-    """Ctrl-C handling for long loops (training steps, `infer`'s regions): ``requested`` after a first SIGINT.
-
-    A first Ctrl-C only asks the loop to stop after the current step; a second one interrupts at once. The loop
-    then saves a whole step (a checkpoint, a region), so nothing done is lost on resume.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> StopAtStepEnd:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 #: The lymphocyte threshold of a model with a class output: the decision boundary of an output trained by
 #: cross-entropy (calibrated to the synthetic share of lymphocytes); chosen without labels, real or synthetic.
 LYMPHOCYTE_THRESHOLD = 0.5
@@ -453,19 +296,6 @@ def class_validation(maps: np.ndarray, items: Sequence[dict[str, np.ndarray]]) -
     }
 
 
-def _plot_losses(rows: list[dict[str, float]], path: Path) -> None:
-    from pysynth.viz import line_plot
-
-    steps = np.array([r["step"] for r in rows], np.float64)
-    series = {
-        key: np.array([r[key] for r in rows], np.float64) for key in ("loss", "bce_detection", "bce_segmentation")
-    }
-    image = line_plot(steps, series, title="training loss", xlabel="step", log_y=True)
-    import cv2
-
-    atomic_write_bytes(path, cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes())
-
-
 def init_segmenter(model: UNet, config: TrainConfig) -> None:
     """Load the weights of ``config.init`` (a model folder) into ``model``; nothing when it is empty.
 
@@ -499,6 +329,59 @@ def init_segmenter(model: UNet, config: TrainConfig) -> None:
     model.load_state_dict(state)
 
 
+def new_segmenter(config: TrainConfig, device: torch.device) -> tuple[UNet, torch.optim.Optimizer]:
+    """The segmenter to train (from ``config.init`` when set) on ``device``, channels-last, and its optimiser.
+
+    Built right after the torch seed is set (:meth:`TrainingRun.claim`), so that plain and joint training with
+    the same seed start from the same weights.
+    """
+    model = UNet(config.model).to(device, memory_format=torch.channels_last)
+    init_segmenter(model, config)
+    return model, torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def set_lr(optimiser: torch.optim.Optimizer, step: int, config: TrainConfig) -> float:
+    """Give the segmenter's optimiser the learning rate of ``step`` (warm-up, then cosine); returns it."""
+    lr = lr_at(step, config)
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def segmenter_update(optimiser: torch.optim.Optimizer, model: UNet, loss: torch.Tensor) -> None:
+    """One optimiser step of the segmenter on ``loss``, its gradient norm clipped at 1."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimiser.step()
+
+
+def validate_thresholds(
+    model: UNet, val_items: Sequence[dict[str, np.ndarray]], config: TrainConfig, out_dir: Path
+) -> tuple[InstanceConfig, list[dict[str, float]], np.ndarray]:
+    """Post-processing chosen on held-out items (``validation.json``): ``(best, grid table, probability maps)``."""
+    maps = np.concatenate(
+        [
+            predict_batch(model, np.stack([it["image"] for it in val_items[k : k + 16]]))
+            for k in range(0, len(val_items), 16)
+        ]
+    )
+    base = InstanceConfig(min_size=max(1, round(20 * (0.25 / config.synth.model_mpp) ** 2)))
+    best, table = choose_thresholds(maps, [it["labels"] for it in val_items], base)
+    atomic_write_text(out_dir / "validation.json", json.dumps({"chosen": asdict(best), "grid": table}, indent=1) + "\n")
+    return best, table, maps
+
+
+def _row(run: TrainingRun, lr: float) -> dict[str, float]:
+    """One ``losses.csv`` row: the means over the window's ``[loss, parts]`` records."""
+    window = run.window
+    names = ("bce_detection", "bce_segmentation", *(("bce_lymphocyte",) if run.config.model.classes else ()))
+    row: dict[str, float] = {"step": run.step, "loss": float(np.mean([w[0] for w in window]))}
+    row.update({name: float(np.mean([w[1][name] for w in window])) for name in names})
+    row.update(lr=lr, wall_s=round(run.wall_s, 2))
+    return row
+
+
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -529,37 +412,28 @@ def train(
             cannot be used.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / CHECKPOINT
-    claim_run(out_dir, {"config.yaml": dump_config(config), **_sources_file(real, synthetic)}, overwrite)
-
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
+    run = TrainingRun(
+        out_dir,
+        config,
+        checkpoint_format=CHECKPOINT_FORMAT,
+        checkpoint_version=CHECKPOINT_VERSION,
+        columns=CLASS_LOSS_COLUMNS if config.model.classes else LOSS_COLUMNS,
+        make_row=_row,
+        progress=progress,
+    )
+    run.claim({"config.yaml": dump_config(config), **sources_files(real, synthetic)}, overwrite)
     device = torch.device(device)
     if config.model.classes and synthetic is None and config.synth.lymphocyte_fraction <= 0:
         raise PysynthError(
             "model.classes is 1 but synth.lymphocyte_fraction is 0: the class output would never see a lymphocyte"
         )
-    model = UNet(config.model).to(device, memory_format=torch.channels_last)
-    init_segmenter(model, config)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    step, wall, rows = 0, 0.0, []
-    window: list[tuple[float, dict[str, float]]] = []
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
-        try:
-            model.load_state_dict(state["model"])
-            optimiser.load_state_dict(state["optimiser"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise PysynthError(f"{checkpoint_path}: does not fit this model ({first}); use --overwrite") from None
-        step, wall, rows = int(state["step"]), float(state["wall_s"]), list(state["rows"])
-        # The steps since the last losses row: without them a resumed run's next row averages fewer steps.
-        window = [(float(loss), dict(parts)) for loss, parts in state.get("window", [])]
-        log.info("resuming at step %d of %d", step, config.steps)
-        if progress is not None:
-            progress(step, {})
+    model, optimiser = new_segmenter(config, device)
+
+    def restore(state: dict[str, Any]) -> None:
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+
+    run.resume(lambda: {"model": model.state_dict(), "optimiser": optimiser.state_dict()}, restore)
     source = make_source(config, out_dir, real, synthetic, input_mpp)
     if wrap_source is not None:
         source = wrap_source(source)
@@ -568,92 +442,34 @@ def train(
     def batch_items(t: int) -> list[dict[str, np.ndarray]]:
         return [maker(t * config.batch + k) for k in range(config.batch)]
 
-    def save_checkpoint() -> None:
-        state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "wall_s": wall}
-        state.update({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "rows": rows})
-        state["window"] = [[loss, parts] for loss, parts in window]
-        _atomic_torch_save(state, checkpoint_path)
-        write_losses(out_dir, rows, CLASS_LOSS_COLUMNS if config.model.classes else LOSS_COLUMNS)
+    def step(t: int, items: list[dict[str, np.ndarray]]) -> StepResult:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch_tensors(items).items()}
+        lr = set_lr(optimiser, t, config)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(batch["image"]).float()
+        loss, parts = two_head_loss(
+            logits,
+            batch["detection"],
+            batch["segmentation"],
+            batch["weights"],
+            batch["sample_weight"],
+            dice_weight=config.dice_weight,
+            lymphocyte=batch.get("lymphocyte"),
+            class_weights=batch.get("class_weights"),
+            class_weight=config.class_weight,
+        )
+        segmenter_update(optimiser, model, loss)
+        value = float(loss.detach())
+        return StepResult([value, parts], lr, {"loss": value})
 
     model.train()
-    with StopAtStepEnd() as stop, ThreadPoolExecutor(1) as pool:  # the next batch is made while this one trains
-        pending = pool.submit(batch_items, step) if step < config.steps else None
-        while step < config.steps:
-            started = time.perf_counter()
-            assert pending is not None
-            items = pending.result()
-            pending = pool.submit(batch_items, step + 1) if step + 1 < config.steps else None
-            batch = {k: v.to(device, non_blocking=True) for k, v in _batch_tensors(items).items()}
-            lr = _lr_at(step, config)
-            for group in optimiser.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(batch["image"]).float()
-            loss, parts = two_head_loss(
-                logits,
-                batch["detection"],
-                batch["segmentation"],
-                batch["weights"],
-                batch["sample_weight"],
-                dice_weight=config.dice_weight,
-                lymphocyte=batch.get("lymphocyte"),
-                class_weights=batch.get("class_weights"),
-                class_weight=config.class_weight,
-            )
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimiser.step()
-            step += 1
-            wall += time.perf_counter() - started
-            window.append((float(loss.detach()), parts))
-            if step % 10 == 0 or step == config.steps:
-                row = {
-                    "step": step,
-                    "loss": float(np.mean([w[0] for w in window])),
-                    "bce_detection": float(np.mean([w[1]["bce_detection"] for w in window])),
-                    "bce_segmentation": float(np.mean([w[1]["bce_segmentation"] for w in window])),
-                    **(
-                        {"bce_lymphocyte": float(np.mean([w[1]["bce_lymphocyte"] for w in window]))}
-                        if config.model.classes
-                        else {}
-                    ),
-                    "lr": lr,
-                    "wall_s": round(wall, 2),
-                }
-                rows.append(row)
-                window = []
-            if progress is not None:
-                progress(step, {"loss": float(loss.detach())})
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint()
-            if config.snapshot_every and step % config.snapshot_every == 0:
-                (out_dir / SNAPSHOTS).mkdir(exist_ok=True)
-                _atomic_torch_save(model.state_dict(), out_dir / SNAPSHOTS / f"step_{step:06d}.pt")
-            if stop.requested:
-                save_checkpoint()
-                log.info("interrupted: checkpoint saved at step %d", step)
-                raise KeyboardInterrupt
+    run.run_steps(batch_items, step, snapshot=model)
     model.eval()
     log.info("choosing post-processing thresholds on %d held-out synthetic patches", config.val_patches)
     # Held-out synthetic patches: their own index range, never trained on.
     val_items = [maker(VAL_OFFSET + k) for k in range(config.val_patches)]
-    maps = np.concatenate(
-        [
-            predict_batch(model, np.stack([it["image"] for it in val_items[k : k + 16]]))
-            for k in range(0, len(val_items), 16)
-        ]
-    )
-    base = InstanceConfig(min_size=max(1, round(20 * (0.25 / config.synth.model_mpp) ** 2)))
-    best, table = choose_thresholds(maps, [it["labels"] for it in val_items], base)
-    atomic_write_text(out_dir / "validation.json", json.dumps({"chosen": asdict(best), "grid": table}, indent=1) + "\n")
-    summary = {
-        "steps": step,
-        "train_wall_s": round(wall, 1),
-        "sources": list(sources_note),
-        "train": json.loads(json.dumps(config.to_dict())),
-        "validation": table[0],
-    }
+    best, table, maps = validate_thresholds(model, val_items, config, out_dir)
+    summary = run.summary(sources_note, validation=table[0])
     if config.model.classes:
         summary["classes"] = class_validation(maps, val_items)
     if config.init:  # the starting model by its weights: its name or folder may hold another model later
