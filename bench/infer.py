@@ -185,6 +185,34 @@ def end_to_end(path: Path, model, info, folder: Path, config: InferConfig, out_d
     return [(ours, baseline), notes]
 
 
+def coarser_model_row(path: Path, name: str, config: InferConfig, out_dir: Path, reference_mpp: float) -> list:
+    """``infer_slide`` with a coarser shipped model (``native20x``, 0.5 µm/px) on the same slide, as a timing.
+
+    Its rate counts the slide area it covers in pixels at ``reference_mpp`` (the default model's 0.25 µm/px), so it
+    reads against the classical pipeline's and the default model's rows of the same run.
+    """
+    from pysynth.infer import infer_slide, inference_model, model_digest
+    from pysynth.io import open_slide
+    from pysynth.models.io import resolve_model_dir
+    from pysynth.segment import predict_maps
+
+    folder = resolve_model_dir(name)
+    model, info = inference_model(str(folder))
+    predict_maps(model, np.full((256, 256, 3), 200, np.uint8))
+    with open_slide(path) as reader:
+        infer_slide(reader, model, info, out_dir, config=config, model_id=model_digest(folder), overwrite=True)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    area_px = float(summary["pixels"]) * (info.mpp / reference_mpp) ** 2
+    row = _single(
+        f"infer_slide with `{name}` ({info.mpp} µm/px), same slide; rate in slide area at {reference_mpp} µm/px",
+        float(summary["seconds"]),
+        area_px,
+        stages_s=summary["timings"],
+        nuclei=summary["nuclei"],
+    )
+    return [row, {f"{name}_time_split": time_split(summary["timings"], float(summary["seconds"]))}]
+
+
 def centred_cells(side: int, regions_hw: tuple[int, int], core: int) -> tuple[list[tuple[int, int]], int]:
     """Tissue cells filling the middle ``core/2`` square of each of ``rows × cols`` regions at the slide's centre.
 
@@ -307,6 +335,15 @@ def run(quick: bool = False) -> list:
             f"{layout.tissue_px / 1e6:.1f} Mpx ({layout.tissue_fraction:.0%}) of real tissue from the bundled slide",
         }
         rows = end_to_end(path, model, info, folder, plan.config, workdir / "out")
+        from pysynth.models.io import SHIPPED
+
+        if "native20x" in SHIPPED:
+            row, notes = coarser_model_row(path, "native20x", plan.config, workdir / "out20x", info.mpp)
+            ours, baseline = rows[0]
+            notes["native20x_vs_classical"] = round(row.rate / baseline.rate, 3)
+            notes["native20x_vs_default"] = round(row.rate / ours.rate, 3)
+            rows[1].update(notes)
+            rows.insert(1, row)
         rows.append(slide)
         rows.append(memory_cases(plan, source, info.mpp, workdir, device.type))
     return rows

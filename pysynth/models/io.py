@@ -65,7 +65,8 @@ def default_model_dir() -> Path:
 
 
 #: Models shipped inside the package, selected by name (``--model NAME``): their folders beside this file.
-SHIPPED = ("default", "plain")
+#: ``native20x`` works at 0.5 µm/px (20x slides without upsampling, 40x slides downsampled), without a class output.
+SHIPPED = ("default", "plain", "native20x")
 
 
 def resolve_model_dir(spec: str | Path | None = None) -> Path:

@@ -19,7 +19,7 @@ def test_shipped_models_resolve_by_name_and_load(tmp_path: Path, monkeypatch: py
         folder = resolve_model_dir(name)
         assert folder.parent == default_model_dir().parent
         _, info = load_model(folder)
-        assert info.mpp == pytest.approx(0.25)
+        assert info.mpp == pytest.approx(0.5 if name == "native20x" else 0.25)
         assert (folder / "MODEL_CARD.md").is_file()
         digests.add(model_digest(folder))
     assert len(digests) == len(SHIPPED)  # different weights
@@ -43,3 +43,4 @@ def test_segment_takes_a_shipped_model_by_name(run_cli, tmp_path: Path, tissue_r
         assert result.code == 0, result.err
         outs[name] = (tmp_path / name / "tile_labels.png").read_bytes()
     assert outs["default"] != outs["plain"]
+    assert outs["native20x"] != outs["default"]
