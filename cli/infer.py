@@ -210,14 +210,7 @@ def infer_command(
             overall = tqdm(total=len(todo), desc="slides", unit="slide", dynamic_ncols=True, position=0)
             with StopAtStepEnd() as stop:
                 for path, stem, redo in todo:
-                    bar = tqdm(desc=stem[:24], unit="region", dynamic_ncols=True, position=1, leave=False)
-
-                    def progress(done: int, total: int, nuclei: int, bar: tqdm = bar) -> None:
-                        bar.total = total
-                        bar.n = done
-                        bar.set_postfix(nuclei=nuclei, refresh=False)
-                        bar.refresh()
-
+                    bar, progress = _region_bar(stem)
                     try:
                         record = run_slide(
                             str(path), str(out), model_dir=str(folder), input_mpp=input_mpp, device=device,
@@ -305,6 +298,21 @@ def _write_run_json(out, ledger, records: dict[str, dict]) -> None:
     write_index(out, slides)  # the cohort's page: every slide with its status, counts and report
 
 
+def _region_bar(stem: str):
+    """A slide's progress bar of regions, and the ``progress(done, total, nuclei)`` callback that drives it."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=stem[:24], unit="region", dynamic_ncols=True, position=1, leave=False)
+
+    def progress(done: int, total: int, nuclei: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix(nuclei=nuclei, refresh=False)
+        bar.refresh()
+
+    return bar, progress
+
+
 def _on_cluster(scheduler, todo, out, folder, input_mpp, device, config, stop=None) -> list[dict]:
     """The slides of ``todo`` (``(path, stem, overwrite)``), each spread over a Dask distributed cluster.
 
@@ -330,14 +338,7 @@ def _on_cluster(scheduler, todo, out, folder, input_mpp, device, config, stop=No
     records = []
     with client:
         for path, stem, redo in tqdm(todo, desc="slides", unit="slide", dynamic_ncols=True, position=0):
-            bar = tqdm(desc=stem[:24], unit="region", dynamic_ncols=True, position=1, leave=False)
-
-            def progress(done: int, total: int, nuclei: int, bar: tqdm = bar) -> None:
-                bar.total = total
-                bar.n = done
-                bar.set_postfix(nuclei=nuclei, refresh=False)
-                bar.refresh()
-
+            bar, progress = _region_bar(stem)
             try:
                 record = run_slide(
                     str(Path(path).resolve()), str(Path(out).resolve()), model_dir=str(Path(folder).resolve()),

@@ -36,6 +36,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[tuple[int, str]]:
+    """``(fd, name)`` of a new file beside ``path``, renamed onto it when the block ends without an error.
+
+    On any exception (disk full, Ctrl-C) the temporary file is removed and ``path`` is left as it was; an
+    ``OSError`` about the temporary file names ``path`` instead. The caller writes, syncs and closes ``fd`` (at
+    once or in a ``with``: it is not closed here, so a reused descriptor number is never closed twice).
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:  # the folder is missing or not writable: the message names the file asked for
+        raise _naming(exc, path, exc.filename) from None  # exc names the temporary file mkstemp tried
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be as readable as any file
+        yield fd, tmp
+        Path(tmp).replace(path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+        if isinstance(exc, OSError) and (named := _naming(exc, path, tmp)) is not exc:
+            raise named from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """A file opened beside ``path`` that replaces ``path`` only when the ``with`` block ends without an error.
 
@@ -50,24 +74,11 @@ def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         OSError: If creating, writing or renaming the file fails; it names ``path``, never the hidden temporary
             file (an error of the caller's own inside the block, about another file, passes unchanged).
     """
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    except OSError as exc:  # the folder is missing or not writable: the message names the file asked for
-        raise _naming(exc, path, exc.filename) from None  # exc names the temporary file mkstemp tried
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be as readable as any file
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(tmp).replace(path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        if isinstance(exc, OSError) and (named := _naming(exc, path, tmp)) is not exc:
-            raise named from None
-        raise
+    text = {} if "b" in mode else {"encoding": "utf-8"}
+    with _temporary(Path(path)) as (fd, _), os.fdopen(fd, mode, **text) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager
@@ -77,24 +88,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     Like :func:`atomic_writer`, for writers that need a file name (``tifffile``): on success the file is synced and
     replaces ``path``; on any exception it is removed and ``path`` is left as it was.
     """
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    except OSError as exc:
-        raise _naming(exc, path, exc.filename) from None
-    os.close(fd)
-    try:
-        Path(tmp).chmod(0o666 & ~_UMASK)
+    with _temporary(Path(path)) as (fd, tmp):
+        os.close(fd)
         yield Path(tmp)
         with Path(tmp).open("rb+") as handle:
             os.fsync(handle.fileno())
-        Path(tmp).replace(path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        if isinstance(exc, OSError) and (named := _naming(exc, path, tmp)) is not exc:
-            raise named from None
-        raise
 
 
 def _naming(exc: OSError, path: Path, tmp: str) -> OSError:

@@ -298,7 +298,6 @@ def _instances(detection: np.ndarray, segmentation: np.ndarray, config: Instance
 def _clean(labels: np.ndarray, min_size: int, connectivity: int = 4) -> np.ndarray:
     """Fill each instance's holes, keep its largest 4-connected part, drop instances below ``min_size`` px, renumber."""
     out = labels.copy()
-    filled = np.zeros(0, np.int64)
     background = (out == 0).astype(np.uint8)
     n_bg, bg_parts = cv2.connectedComponents(background, connectivity=4, ltype=cv2.CV_32S)
     if n_bg > 1:
@@ -326,10 +325,11 @@ def _clean(labels: np.ndarray, min_size: int, connectivity: int = 4) -> np.ndarr
         fill[0] = 0
         fill[border] = 0
         out = np.where(fill[bg_parts] > 0, fill[bg_parts], out)
-        filled = fill[fill > 0]
-    # One 4-connected part each, so outlines agree with pixel counts. A 4-connected watershed gives connected
-    # instances; only a hole joined to its instance at a corner can split one then.
-    out = largest_parts(out, only=None if connectivity == 8 else filled)
+    # One 4-connected part each, so outlines agree with pixel counts. A 4-connected watershed grows each label from
+    # a 4-connected seed through 4-neighbours, and a filled hole is 4-adjacent to its instance, so only an
+    # 8-connected watershed can leave an instance in parts.
+    if connectivity == 8:
+        out = largest_parts(out)
     sizes = np.bincount(out.ravel())
     keep = sizes >= min_size
     keep[0] = False
@@ -342,40 +342,17 @@ def _clean(labels: np.ndarray, min_size: int, connectivity: int = 4) -> np.ndarr
     return new[out]
 
 
-def largest_parts(labels: np.ndarray, only: np.ndarray | None = None) -> np.ndarray:
+def largest_parts(labels: np.ndarray) -> np.ndarray:
     """Each instance reduced to its largest 4-connected part (the others become background).
 
     An outline (:func:`trace_contours`) follows one 4-connected part, so an instance in several parts (pieces
     touching only diagonally, after 8-connected watershed, hole filling or resampling to a coarser grid) would get
     a polygon that disagrees with its pixel count and measurements. Ties keep the part first in raster order.
-    ``only`` (label ids) limits the work to those instances, each in its bounding box.
     """
     labels = np.ascontiguousarray(labels)
     h, w = labels.shape
     if labels.size == 0 or not labels.any():
         return labels
-    if only is not None:
-        out = labels
-        for k in np.unique(np.asarray(only, np.int64)):
-            ys, xs = np.nonzero(labels == k) if k > 0 else ((), ())
-            if len(ys) < 2:
-                continue
-            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-            mine = (labels[y0:y1, x0:x1] == k).astype(np.uint8)
-            n, parts, stats, _ = cv2.connectedComponentsWithStats(mine, connectivity=4, ltype=cv2.CV_32S)
-            if n <= 2:
-                continue
-            area = stats[:, cv2.CC_STAT_AREA]
-            first = np.full(n, parts.size, np.int64)
-            flat = parts.ravel()
-            np.minimum.at(first, flat, np.arange(flat.size))
-            ids = np.arange(1, n)
-            keep = int(ids[np.lexsort((first[ids], -area[ids]))][0])  # the largest, then the first in raster order
-            if out is labels:
-                out = labels.copy()
-            crop = out[y0:y1, x0:x1]
-            crop[(parts > 0) & (parts != keep)] = 0
-        return out
     # Pixels on the even sites of a grid twice as fine, joined through the odd sites where 4-neighbours share a
     # label: the 4-connected components of that grid are the parts of equal labels.
     grid = np.zeros((2 * h - 1, 2 * w - 1), np.uint8)

@@ -36,22 +36,15 @@ from typing import Any
 import numpy as np
 
 from pysynth.errors import PysynthError
+from pysynth.shape import MEASUREMENT_NAMES
 
 #: Version of the table's columns and their meaning; a table of another version is refused, not mixed in.
 TABLE_VERSION = 1
 TABLE = "nuclei.parquet"
 VERSION_KEY = b"pysynth_table_version"
 
-#: The shape features, in the order of :data:`pysynth.shape.MEASUREMENT_NAMES` (their keys are the column names).
-SHAPE_COLUMNS = (
-    "perimeter_um",
-    "circularity",
-    "solidity",
-    "eccentricity",
-    "major_axis_um",
-    "minor_axis_um",
-    "orientation_deg",
-)
+#: The shape features (the column names are :data:`pysynth.shape.MEASUREMENT_NAMES`' keys, area excepted).
+SHAPE_COLUMNS = tuple(key for key in MEASUREMENT_NAMES if key != "area_um2")
 STAIN_COLUMNS = ("hematoxylin_od_mean", "hematoxylin_od_sd", "eosin_od_mean", "eosin_od_sd")
 
 

@@ -24,27 +24,14 @@ from pysynth.infer import (
     run_regions,
     slide_settings,
 )
-from pysynth.io import ArrayReader, open_slide, read_region
+from pysynth.io import ArrayReader
 from pysynth.ledger import SettingsMismatch
 from pysynth.models.io import default_model_dir
 
 
-@pytest.fixture(scope="module")
-def model_info():
-    return inference_model(str(default_model_dir()))
-
-
-@pytest.fixture(scope="module")
-def tissue() -> np.ndarray:
-    from pysynth import data_path
-
-    with open_slide(data_path("CMU-1-Small-Region.svs")) as slide:
-        return read_region(slide, 900, 1200, (384, 448), 0.25)
-
-
-def test_slide_settings_record_what_decides_the_result(model_info, tissue):
+def test_slide_settings_record_what_decides_the_result(model_info, tissue_crop):
     _, info = model_info
-    reader = ArrayReader(tissue, 0.25)
+    reader = ArrayReader(tissue_crop, 0.25)
     settings, instances, threshold = slide_settings(reader, info, InferConfig(min_confidence=0.3), "abc")
     assert settings["model"] == "abc"
     assert settings["config"]["min_confidence"] == 0.3
@@ -85,25 +72,25 @@ def test_claim_slide_dir_keeps_refuses_and_redoes(tmp_path, caplog):
     assert not (slide_dir / SUMMARY).exists()
 
 
-def test_network_stage_gives_the_maps_of_segment(model_info, tissue):
+def test_network_stage_gives_the_maps_of_segment(model_info, tissue_crop):
     from pysynth.segment import predict_maps
 
     model, info = model_info
     net = Network(model, InferConfig(), classes=info.has_classes)
-    maps = net(tissue)
-    reference = predict_maps(model, tissue, tile=max(tissue.shape[:2]), classes=True)
+    maps = net(tissue_crop)
+    reference = predict_maps(model, tissue_crop, tile=max(tissue_crop.shape[:2]), classes=True)
     assert len(maps) == 3 == len(reference)
     for a, b in zip(maps, reference, strict=True):
-        assert a.shape == tissue.shape[:2]
+        assert a.shape == tissue_crop.shape[:2]
         np.testing.assert_allclose(a, b, atol=1e-6)  # the same pass (threads may sum in another order)
-    tiled = Network(model, InferConfig(tile=256), classes=True)(tissue)  # exact tiles: the same maps
+    tiled = Network(model, InferConfig(tile=256), classes=True)(tissue_crop)  # exact tiles: the same maps
     for a, b in zip(tiled, maps, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_region_pipeline_saves_every_region_and_stops_when_asked(tmp_path, model_info, tissue):
+def test_region_pipeline_saves_every_region_and_stops_when_asked(tmp_path, model_info, tissue_crop):
     model, info = model_info
-    reader = ArrayReader(tissue, 0.25)
+    reader = ArrayReader(tissue_crop, 0.25)
     config = InferConfig(core=192, margin=128)
     regions = plan_regions(reader, info.mpp, config, None)
     assert len(regions) == 6  # 2 rows × 3 columns of 192 px
@@ -157,16 +144,16 @@ def test_inference_model_is_loaded_again_when_its_folder_changes(tmp_path):
     assert any(changed)  # the new weights, not the cached network
 
 
-def test_segment_and_infer_features_share_the_qupath_schema(tmp_path, model_info, tissue):
+def test_segment_and_infer_features_share_the_qupath_schema(tmp_path, model_info, tissue_crop):
     from pysynth.infer import infer_slide
     from pysynth.segment import segment_image, write_outputs
 
     model, info = model_info
-    found = segment_image(model, info, tissue, 0.25, info.instances)
+    found = segment_image(model, info, tissue_crop, 0.25, info.instances)
     (tmp_path / "seg").mkdir()
-    write_outputs(tmp_path / "seg", "t", tissue, found, mpp=0.25, lymphocyte_threshold=info.lymphocyte_threshold)
+    write_outputs(tmp_path / "seg", "t", tissue_crop, found, mpp=0.25, lymphocyte_threshold=info.lymphocyte_threshold)
     seg = json.loads((tmp_path / "seg" / "t.geojson").read_text())["features"]
-    infer_slide(ArrayReader(tissue, 0.25), model, info, tmp_path / "inf", config=InferConfig(), model_id="x")
+    infer_slide(ArrayReader(tissue_crop, 0.25), model, info, tmp_path / "inf", config=InferConfig(), model_id="x")
     inf = json.loads((tmp_path / "inf" / "nuclei.geojson").read_text())["features"]
     assert len(seg) == len(inf) > 20
     for a, b in ((seg[0], inf[0]), (seg[-1], inf[-1])):

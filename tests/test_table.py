@@ -14,23 +14,6 @@ from pysynth.errors import PysynthError
 from pysynth.table import TABLE, TABLE_VERSION, read_table, schema, stain_stats, table_metadata, table_writer
 
 
-@pytest.fixture(scope="module")
-def model_info():
-    from pysynth.infer import inference_model
-    from pysynth.models.io import default_model_dir
-
-    return inference_model(str(default_model_dir()))
-
-
-@pytest.fixture(scope="module")
-def tissue() -> np.ndarray:
-    from pysynth import data_path
-    from pysynth.io import open_slide, read_region
-
-    with open_slide(data_path("CMU-1-Small-Region.svs")) as slide:
-        return read_region(slide, 900, 1200, (384, 512), 0.25)
-
-
 def test_stain_stats_match_a_per_label_loop(rng) -> None:
     from pysynth.synth.deconv import rgb_to_hed_reference
 
@@ -50,12 +33,12 @@ def test_stain_stats_match_a_per_label_loop(rng) -> None:
         np.testing.assert_allclose(stats["eosin_od_sd"][k], values[:, 1].std(), atol=1e-5)
 
 
-def test_infer_table_has_a_row_per_feature_with_its_values(tmp_path: Path, model_info, tissue) -> None:
+def test_infer_table_has_a_row_per_feature_with_its_values(tmp_path: Path, model_info, tissue_crop) -> None:
     from pysynth.infer import GEOJSON, InferConfig, infer_slide
     from pysynth.io import ArrayReader
 
     model, info = model_info
-    reader = ArrayReader(tissue, 0.25, name="t.png")
+    reader = ArrayReader(tissue_crop, 0.25, name="t.png")
     infer_slide(reader, model, info, tmp_path / "t", config=InferConfig(core=192), model_id="x")
     features = json.loads((tmp_path / "t" / GEOJSON).read_text())["features"]
     table = read_table(tmp_path / "t" / TABLE)
@@ -87,12 +70,12 @@ def test_infer_table_has_a_row_per_feature_with_its_values(tmp_path: Path, model
     assert pq.ParquetFile(tmp_path / "t" / TABLE).metadata.num_row_groups == len(regions)
 
 
-def test_segment_table_agrees_with_its_labels_and_geojson(tmp_path: Path, model_info, tissue) -> None:
+def test_segment_table_agrees_with_its_labels_and_geojson(tmp_path: Path, model_info, tissue_crop) -> None:
     from pysynth.segment import output_paths, segment_image, write_outputs
 
     model, info = model_info
-    found = segment_image(model, info, tissue, 0.25)
-    write_outputs(tmp_path, "t", tissue, found, mpp=0.25, lymphocyte_threshold=0.5)
+    found = segment_image(model, info, tissue_crop, 0.25)
+    write_outputs(tmp_path, "t", tissue_crop, found, mpp=0.25, lymphocyte_threshold=0.5)
     paths = output_paths(tmp_path, "t", found.count)
     features = json.loads(paths.geojson.read_text())["features"]
     rows = read_table(paths.table).to_pylist()
@@ -136,10 +119,10 @@ def test_a_failed_write_leaves_no_table_and_other_versions_are_refused(tmp_path:
         read_table(tmp_path / "junk.parquet")
 
 
-def test_infer_writes_the_table_and_refuses_a_slide_of_older_measurements(run_cli, tmp_path: Path, tissue) -> None:
+def test_infer_writes_the_table_and_refuses_a_slide_of_older_measurements(run_cli, tmp_path: Path, tissue_crop) -> None:
     image = tmp_path / "in" / "t.png"
     image.parent.mkdir()
-    cv2.imwrite(str(image), cv2.cvtColor(tissue, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(image), cv2.cvtColor(tissue_crop, cv2.COLOR_RGB2BGR))
     out = tmp_path / "out"
     r = run_cli("infer", image, "--input-mpp", "0.25", "--out", out)
     assert r.code == 0, r.err
@@ -157,10 +140,10 @@ def test_infer_writes_the_table_and_refuses_a_slide_of_older_measurements(run_cl
     assert (out / "t" / TABLE).read_bytes() == before
 
 
-def test_segment_refuses_images_made_before_the_table_in_one_line(run_cli, tmp_path: Path, tissue) -> None:
+def test_segment_refuses_images_made_before_the_table_in_one_line(run_cli, tmp_path: Path, tissue_crop) -> None:
     image = tmp_path / "in" / "t.png"
     image.parent.mkdir()
-    cv2.imwrite(str(image), cv2.cvtColor(tissue, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(image), cv2.cvtColor(tissue_crop, cv2.COLOR_RGB2BGR))
     out = tmp_path / "seg"
     assert run_cli("segment", image, "--input-mpp", "0.25", "--out", out).code == 0
     assert read_table(out / "t_nuclei.parquet").num_rows > 30

@@ -152,6 +152,23 @@ def claim_slide_dir(slide_dir: Path, settings: dict[str, Any], overwrite: bool) 
     return None
 
 
+def region_record(
+    region: Region,
+    window: np.ndarray,
+    maps: tuple[np.ndarray, ...],
+    origin: tuple[int, int],
+    instances: InstanceConfig,
+    mpp: float,
+    level0_per_px: float,
+    slide_hw: tuple[int, int],
+) -> dict[str, Any]:
+    """What is saved for a region (here or on a cluster worker): the region and the nuclei it owns."""
+    lymphocyte = maps[2] if len(maps) > 2 else None  # a class output's third map
+    f = level0_per_px
+    nuclei = region_nuclei(window, maps[0], maps[1], region, origin, instances, mpp, f, slide_hw, lymphocyte)
+    return {"region": asdict(region), "nuclei": nuclei}
+
+
 def run_regions(
     reader: SlideReader,
     todo: list[Region],
@@ -187,11 +204,9 @@ def run_regions(
 
     def finish(region: Region, window: np.ndarray, maps: tuple[np.ndarray, ...]) -> tuple[int, float, float]:
         t0 = time.perf_counter()
-        origin = boxes[region.index][:2]
-        lymphocyte = maps[2] if network.classes else None
-        nuclei = region_nuclei(window, maps[0], maps[1], region, origin, instances, mpp, f, slide_hw, lymphocyte)
+        record = region_record(region, window, maps, boxes[region.index][:2], instances, mpp, f, slide_hw)
+        nuclei = record["nuclei"]
         t1 = time.perf_counter()
-        record = {"region": asdict(region), "nuclei": nuclei}
         atomic_write_text(parts / f"{region.index:06d}.json", json.dumps(record, separators=(",", ":")))
         return len(nuclei), t1 - t0, time.perf_counter() - t1
 
@@ -255,10 +270,7 @@ def region_task(
         f = mpp / reader.mpp
     normalised = ColourModel(colour["method"], colour["params"]).apply(window, lookup=False)
     maps = Network(model, config, info.has_classes)(normalised)
-    lymphocyte = maps[2] if info.has_classes else None
-    instances = config.instances(info.instances)
-    nuclei = region_nuclei(window, maps[0], maps[1], region, origin, instances, mpp, f, slide_hw, lymphocyte)
-    return {"region": asdict(region), "nuclei": nuclei}
+    return region_record(region, window, maps, origin, config.instances(info.instances), mpp, f, slide_hw)
 
 
 def cluster_runner(client: Any, slide: str, input_mpp: float | None, model_dir: str, device: str, config: InferConfig):
