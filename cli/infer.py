@@ -320,6 +320,7 @@ def _on_cluster(scheduler, todo, out, folder, input_mpp, device, config, stop=No
     cluster as tasks, so one large slide uses every worker. A task lost with its worker is run again by Dask, and
     its region is saved once. Returns the records in the order of ``todo``.
     """
+    import logging
     from pathlib import Path
 
     from tqdm import tqdm
@@ -335,17 +336,30 @@ def _on_cluster(scheduler, todo, out, folder, input_mpp, device, config, stop=No
         client = Client(scheduler, timeout="10s")
     except (OSError, TimeoutError, ValueError) as exc:
         raise PysynthError(f"--scheduler {scheduler}: cannot connect ({str(exc).splitlines()[0]})") from None
-    records = []
-    with client:
-        for path, stem, redo in tqdm(todo, desc="slides", unit="slide", dynamic_ncols=True, position=0):
-            bar, progress = _region_bar(stem)
-            try:
-                record = run_slide(
-                    str(Path(path).resolve()), str(Path(out).resolve()), model_dir=str(Path(folder).resolve()),
-                    input_mpp=input_mpp, device=device, config=config, overwrite=redo, stem=stem,
-                    progress=progress, stop=stop, client=client,
-                )  # fmt: skip
-                records.append(record)
-            finally:
-                bar.close()
+    records: list[dict] = []
+    # A lost scheduler is reported here in one line per slide; Dask's own reconnection tracebacks would bury it.
+    quiet = [logging.getLogger(name) for name in ("distributed.client", "distributed.utils")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with client:
+            for path, stem, redo in tqdm(todo, desc="slides", unit="slide", dynamic_ncols=True, position=0):
+                if client.status != "running":  # lost with an earlier slide: the rest wait for a rerun
+                    error = f"{path}: not started, the Dask scheduler {scheduler} was lost"
+                    records.append({"slide": str(path), "status": "failed", "error": error})
+                    continue
+                bar, progress = _region_bar(stem)
+                try:
+                    record = run_slide(
+                        str(Path(path).resolve()), str(Path(out).resolve()), model_dir=str(Path(folder).resolve()),
+                        input_mpp=input_mpp, device=device, config=config, overwrite=redo, stem=stem,
+                        progress=progress, stop=stop, client=client,
+                    )  # fmt: skip
+                    records.append(record)
+                finally:
+                    bar.close()
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
     return records

@@ -15,7 +15,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -273,6 +273,10 @@ def region_task(
     return region_record(region, window, maps, origin, config.instances(info.instances), mpp, f, slide_hw)
 
 
+class SchedulerLost(PysynthError):
+    """The Dask scheduler went away in the middle of a slide (its saved regions are kept for a rerun)."""
+
+
 def cluster_runner(client: Any, slide: str, input_mpp: float | None, model_dir: str, device: str, config: InferConfig):
     """A region runner for :func:`infer_slide` that sends each region to a Dask cluster as a task.
 
@@ -288,7 +292,16 @@ def cluster_runner(client: Any, slide: str, input_mpp: float | None, model_dir: 
         }
         pending = set(futures)
         for future in as_completed(list(futures)):
-            record = future.result()  # a task that failed on every try fails the slide, with its error
+            try:
+                record = future.result()  # a task that failed on every try fails the slide, with its error
+            except CancelledError as exc:  # Dask cancels every task of a client that loses its scheduler
+                if getattr(exc, "reason", None) == "scheduler-connection-lost" or client.status != "running":
+                    kept = len(todo) - len(pending)
+                    raise SchedulerLost(
+                        f"lost the Dask scheduler with {kept} of {len(todo)} region(s) saved; a rerun (with a "
+                        "scheduler or without) resumes from them"
+                    ) from None
+                raise
             region = futures[future]
             atomic_write_text(parts / f"{region.index:06d}.json", json.dumps(record, separators=(",", ":")))
             pending.discard(future)
