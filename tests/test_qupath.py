@@ -84,3 +84,50 @@ def test_a_nucleus_touching_itself_at_a_corner_becomes_a_valid_polygon() -> None
     for grid in (0.01, 1.0):
         assert shapely.set_precision(fixed, grid).is_valid
     assert fixed.area == 8  # the outline round the block, the open centre filled
+
+
+def test_geojson_zip_holds_the_plain_geojson_and_is_what_the_folder_is_checked_by(
+    run_cli, tmp_path, sample_slide
+) -> None:
+    # QuPath's Import objects reads a .zip of GeoJSON entries (PathIO.readObjects), not .gz.
+    import zipfile
+
+    import cv2
+
+    from pysynth.infer import GEOJSON, GEOJSON_ZIP, InferConfig
+    from pysynth.io import open_slide
+
+    assert "geojson" not in InferConfig().record()  # slides of earlier versions keep their identity
+    assert InferConfig(geojson="zip").record()["geojson"] == "zip"
+    with pytest.raises(ValueError, match="geojson must be one of"):
+        InferConfig(geojson="gz")
+    with open_slide(sample_slide) as slide:
+        level0 = slide.read_level(0, 700, 1500, 600, 430)
+    image = tmp_path / "t.png"
+    cv2.imwrite(str(image), cv2.cvtColor(np.ascontiguousarray(level0), cv2.COLOR_RGB2BGR))
+    common = ("infer", image, "--input-mpp", "0.499", "--core", "512")
+    assert run_cli(*common, "--out", tmp_path / "plain").code == 0
+    r = run_cli(*common, "--out", tmp_path / "zip", "--geojson", "zip")
+    assert r.code == 0, r.err
+    plain = (tmp_path / "plain" / "t" / GEOJSON).read_bytes()
+    packed = tmp_path / "zip" / "t" / GEOJSON_ZIP
+    assert not (tmp_path / "zip" / "t" / GEOJSON).exists()
+    with zipfile.ZipFile(packed) as archive:
+        assert archive.testzip() is None  # every entry's CRC checks
+        (entry,) = archive.infolist()
+        assert entry.filename == GEOJSON
+        assert entry.compress_type == zipfile.ZIP_DEFLATED
+        assert archive.read(entry) == plain  # the same GeoJSON, byte for byte
+    assert packed.stat().st_size < len(plain) / 3
+    _check_features(json.loads(plain)["features"])
+    first = packed.read_bytes()
+    again = run_cli(*common, "--out", tmp_path / "zip", "--geojson", "zip")
+    assert again.code == 0
+    assert "skipped" in again.out  # the zip marks the slide finished
+    redo = run_cli(*common, "--out", tmp_path / "zip", "--geojson", "zip", "--overwrite")
+    assert redo.code == 0
+    assert packed.read_bytes() == first  # a fixed time stamp: the same nuclei give the same bytes
+    other = run_cli(*common, "--out", tmp_path / "zip")
+    assert other.code == 1  # another format in the same folder: refused in one line, results kept
+    assert any("geojson" in line for line in other.error_lines()), other.err
+    assert packed.read_bytes() == first

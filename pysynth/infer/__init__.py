@@ -34,6 +34,7 @@ from .config import (
     DENSITY_GRID,
     DENSITY_MAP,
     GEOJSON,
+    GEOJSON_ZIP,
     MEASUREMENTS_VERSION,
     MIN_MARGIN,
     OVERLAY,
@@ -48,7 +49,7 @@ from .plan import Region, plan_regions, slide_extent, window_box
 from .read import colour_samples, read_window
 from .report import INDEX, REPORT, write_index, write_report
 from .run import SlideResult, Timings, claim_slide_dir, infer_slide, run_regions, run_slide, slide_settings
-from .write import csv_text, density_grid, feature, rasterise, write_density, write_outputs
+from .write import csv_text, density_grid, feature, geojson_writer, rasterise, write_density, write_outputs
 
 __all__ = [
     "CSV_DIR",
@@ -56,6 +57,7 @@ __all__ = [
     "DENSITY_GRID",
     "DENSITY_MAP",
     "GEOJSON",
+    "GEOJSON_ZIP",
     "INDEX",
     "MEASUREMENTS_VERSION",
     "MIN_MARGIN",
@@ -80,6 +82,7 @@ __all__ = [
     "density_grid",
     "feature",
     "fit_colour",
+    "geojson_writer",
     "infer_slide",
     "inference_model",
     "keep_freed_memory",

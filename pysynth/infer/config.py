@@ -20,6 +20,11 @@ MIN_MARGIN = 128
 LABEL_FORMATS = ("none", "ome-tiff")
 SUMMARY = "summary.json"
 GEOJSON = "nuclei.geojson"
+#: ``InferConfig.geojson = "zip"``: the GeoJSON deflated in a zip archive, its one entry named ``GEOJSON``. QuPath's
+#: object import reads ``.zip`` archives of GeoJSON (and writes them on export); it does not read ``.gz``.
+GEOJSON_ZIP = "nuclei.geojson.zip"
+#: Formats of ``InferConfig.geojson``.
+GEOJSON_FORMATS = ("plain", "zip")
 OVERLAY = "overlay.png"
 CSV_DIR = "csv"
 #: Lymphocyte density of a slide (with a class output): the raw grid (nuclei per mm² of tissue, NaN off tissue)
@@ -69,6 +74,8 @@ class InferConfig:
             the same nuclei on that slide).
         labels: ``"none"`` (default) or ``"ome-tiff"``: also write the nuclei as a tiled, pyramidal OME-TIFF of
             uint32 instance ids at the model's resolution (:mod:`pysynth.infer.labels`).
+        geojson: ``"plain"`` (default): ``nuclei.geojson``; ``"zip"``: ``nuclei.geojson.zip`` instead, the same
+            bytes deflated in a zip archive (15% of the size on the bundled slide; QuPath imports it as it is).
         min_tissue: A region is processed when the tissue fraction of its core exceeds this.
         overlay_mpp: Resolution of ``overlay.png`` (coarsened further for slides above 8,000 px at it).
     """
@@ -84,6 +91,7 @@ class InferConfig:
     lymphocyte_threshold: float | None = None
     compile: bool = False
     labels: str = "none"
+    geojson: str = "plain"
     min_tissue: float = 0.0
     overlay_mpp: float = 2.0
 
@@ -111,16 +119,26 @@ class InferConfig:
             raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
         if self.labels not in LABEL_FORMATS:
             raise ValueError(f"labels must be one of {', '.join(LABEL_FORMATS)}, got {self.labels!r}")
+        if self.geojson not in GEOJSON_FORMATS:
+            raise ValueError(f"geojson must be one of {', '.join(GEOJSON_FORMATS)}, got {self.geojson!r}")
 
     def record(self) -> dict:
         """The settings as recorded with a slide's results.
 
-        ``labels`` is there only when asked for, so the slides of versions before it keep their identity.
+        ``labels`` and ``geojson`` are there only when not their defaults, so the slides of versions before them
+        keep their identity.
         """
         out = asdict(self)
         if out["labels"] == "none":
             del out["labels"]
+        if out["geojson"] == "plain":
+            del out["geojson"]
         return out
+
+    @property
+    def geojson_name(self) -> str:
+        """The file name of a slide's GeoJSON in this format."""
+        return GEOJSON_ZIP if self.geojson == "zip" else GEOJSON
 
     def instances(self, model: InstanceConfig) -> InstanceConfig:
         """The post-processing a run uses: the model's, with ``min_confidence`` replaced when one is given."""

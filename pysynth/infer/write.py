@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import time
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import numpy as np
@@ -27,7 +31,7 @@ from pysynth.qupath import (
 from pysynth.shape import MEASUREMENT_NAMES
 from pysynth.table import SHAPE_COLUMNS, TABLE, table_writer
 
-from .config import CSV_DIR, DENSITY_CELL_UM, DENSITY_GRID, DENSITY_MAP, GEOJSON, OVERLAY, InferConfig
+from .config import CSV_DIR, DENSITY_CELL_UM, DENSITY_GRID, DENSITY_MAP, GEOJSON, GEOJSON_ZIP, OVERLAY, InferConfig
 from .plan import Region
 
 
@@ -98,6 +102,28 @@ def feature(nuc: dict[str, Any], ident: int, lymphocyte_threshold: float | None 
     return detection(ident, nuc["polygon"], kind=kind, measurements=measurements)
 
 
+@contextlib.contextmanager
+def geojson_writer(slide_dir: Path, fmt: str = "plain") -> Iterator[IO[str]]:
+    """A text stream into the slide's GeoJSON, replaced atomically when the block ends without an error.
+
+    ``fmt`` ``"zip"`` deflates it into ``nuclei.geojson.zip`` (one entry, ``nuclei.geojson``, with a fixed time
+    stamp, so the same nuclei give the same bytes).
+    """
+    if fmt == "plain":
+        with atomic_writer(slide_dir / GEOJSON, "w") as out:
+            yield out
+        return
+    entry = zipfile.ZipInfo(GEOJSON, date_time=(1980, 1, 1, 0, 0, 0))
+    entry.compress_type = zipfile.ZIP_DEFLATED
+    with (
+        atomic_writer(slide_dir / GEOJSON_ZIP, "wb") as raw,
+        zipfile.ZipFile(raw, "w", compresslevel=6) as archive,
+        archive.open(entry, "w", force_zip64=True) as member,
+        io.TextIOWrapper(member, encoding="utf-8") as out,
+    ):
+        yield out
+
+
 def write_outputs(
     slide_dir: Path,
     reader: SlideReader,
@@ -108,7 +134,7 @@ def write_outputs(
     lymphocyte_threshold: float | None = None,
     tissue: TissueMask | None = None,
 ) -> tuple[int, float, dict[str, Any]]:
-    """Stream the parts into nuclei.geojson, nuclei.parquet, csv/ and overlay.png; returns (nuclei, seconds, classes).
+    """Stream the parts into the GeoJSON, nuclei.parquet, csv/ and overlay.png; returns (nuclei, seconds, classes).
 
     The table (:mod:`pysynth.table`) has one row per GeoJSON feature, with the same ``id``, one row group per
     region.
@@ -139,7 +165,7 @@ def write_outputs(
         "pysynth": __version__,
         "coordinates": "level-0 px of the slide, x right, y down",
     }
-    with atomic_writer(slide_dir / GEOJSON, "w") as out, table_writer(slide_dir / TABLE, metadata) as table:
+    with geojson_writer(slide_dir, config.geojson) as out, table_writer(slide_dir / TABLE, metadata) as table:
         out.write('{"type":"FeatureCollection","features":[')
         for region in regions:
             nuclei = json.loads((parts / f"{region.index:06d}.json").read_text())["nuclei"]
