@@ -70,3 +70,25 @@ def test_infer_writes_a_self_contained_report_and_a_cohort_index(run_cli, tmp_pa
     assert '<a href="good/report.html">good</a>' in index
     assert f"<td>{summary['nuclei']:,}</td>" in index
     assert re.search(r'<td>bad</td><td class="failed">failed</td>.*bad\.png', index)
+    _check_picture(out / "good" / "report.html", summary, tmp_path / "report.png")
+
+
+def _check_picture(report: Path, summary: dict, picture: Path) -> None:
+    # The README's picture of a report is drawn from the page itself: its pictures, captions and tables.
+    import pytest
+
+    pytest.importorskip("PIL")
+    from pysynth.bench.report_picture import draw, read_page
+
+    page = read_page(report)
+    assert page.title == "good.png"
+    assert "µm/px" in page.subtitle
+    assert len(page.figures) == 7
+    assert sum("96 µm wide" in caption for _, caption in page.figures) == 4
+    counts = dict(row for row in page.tables[0][1] if len(row) == 2)
+    assert page.tables[0][0] == "Counts"
+    assert counts["nuclei"] == f"{summary['nuclei']:,}"
+    draw(page, picture)
+    drawn = cv2.imread(str(picture))
+    assert drawn.shape[1] == 1600
+    assert (drawn < 200).any(axis=2).mean() > 0.3  # the pictures are on it, not a blank page
