@@ -163,3 +163,51 @@ def test_segment_refuses_images_made_before_the_table_in_one_line(run_cli, tmp_p
     redo = run_cli("segment", image, "--input-mpp", "0.25", "--out", out, "--overwrite")
     assert redo.code == 0
     assert read_table(out / "t_nuclei.parquet").num_rows > 30
+
+
+def test_a_disk_full_while_writing_the_table_leaves_nothing_half_written_and_the_rerun_finishes(
+    tmp_path: Path, tissue_rgb, monkeypatch
+) -> None:
+    import contextlib
+
+    import pysynth.infer.write as write_module
+    from pysynth.infer import GEOJSON, PARTS, SUMMARY, InferConfig, infer_slide, inference_model
+    from pysynth.io import ArrayReader
+    from pysynth.models.io import default_model_dir
+
+    model, info = inference_model(str(default_model_dir()))
+    reader = ArrayReader(tissue_rgb[:300, :300], 0.499, name="t.png")
+    config = InferConfig(core=256)  # 3 x 3 regions: the table fails after its first row group
+    real = write_module.table_writer
+
+    @contextlib.contextmanager
+    def full_disk(path, metadata):
+        with real(path, metadata) as table:
+            calls = []
+
+            class Failing:
+                def write(self, columns):
+                    calls.append(1)
+                    if len(calls) == 2:
+                        raise OSError(28, "No space left on device")
+                    table.write(columns)
+
+            yield Failing()
+
+    monkeypatch.setattr(write_module, "table_writer", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        infer_slide(reader, model, info, tmp_path / "t", config=config, model_id="x")
+    left = sorted(p.name for p in (tmp_path / "t").iterdir())
+    assert TABLE not in left
+    assert GEOJSON not in left  # written beside the table: neither is half there
+    assert not [name for name in left if name.endswith(".part")]  # nor a temporary file
+    assert SUMMARY not in left  # not finished: the rerun redoes what is missing
+    kept = len(list((tmp_path / "t" / PARTS).glob("0*.json")))
+    assert kept == 9  # every region kept
+    monkeypatch.setattr(write_module, "table_writer", real)
+    result = infer_slide(reader, model, info, tmp_path / "t", config=config, model_id="x")
+    assert result.resumed_regions == kept
+    assert read_table(tmp_path / "t" / TABLE).num_rows == result.nuclei
+    fresh = infer_slide(reader, model, info, tmp_path / "fresh", config=config, model_id="x")
+    assert (tmp_path / "t" / GEOJSON).read_bytes() == (tmp_path / "fresh" / GEOJSON).read_bytes()
+    assert fresh.nuclei == result.nuclei
