@@ -213,6 +213,73 @@ def coarser_model_row(path: Path, name: str, config: InferConfig, out_dir: Path,
     return [row, {f"{name}_time_split": time_split(summary["timings"], float(summary["seconds"]))}]
 
 
+def nucleus_agreement(a: Path, b: Path) -> dict:
+    """How far two GeoJSONs of the same slide hold the same nuclei (``b`` against the reference ``a``).
+
+    Each nucleus of ``a`` is scored by its best IoU with a polygon of ``b`` (shapely, exact polygon areas): the
+    share at IoU >= 0.98 and >= 0.9, and the relative difference of the counts.
+    """
+    import shapely
+
+    def polygons(path: Path) -> np.ndarray:
+        features = json.loads(path.read_text())["features"]
+        return np.array([shapely.Polygon(f["geometry"]["coordinates"][0]) for f in features], dtype=object)
+
+    pa, pb = polygons(a), polygons(b)
+    best = np.zeros(len(pa))
+    if len(pa) and len(pb):
+        ia, ib = shapely.STRtree(pb).query(pa, predicate="intersects")
+        inter = shapely.area(shapely.intersection(pa[ia], pb[ib]))
+        iou = inter / (shapely.area(pa[ia]) + shapely.area(pb[ib]) - inter)
+        np.maximum.at(best, ia, iou)
+    return {
+        "nuclei": [len(pa), len(pb)],
+        "share_iou_0.98": round(float(np.mean(best >= 0.98)), 4) if len(pa) else None,
+        "share_iou_0.9": round(float(np.mean(best >= 0.9)), 4) if len(pa) else None,
+        "count_change": round((len(pb) - len(pa)) / max(len(pa), 1), 4),
+    }
+
+
+def cpu_bf16_units() -> bool:
+    """Whether this CPU has bf16 arithmetic units (AVX-512 BF16 or AMX), where bf16 autocast can pay."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without the probes
+        return False
+
+
+def precision_row(path: Path, model, info, folder: Path, config: InferConfig, out_dir: Path, ref_dir: Path,
+                  slide_px: float) -> list:  # fmt: skip
+    """``infer_slide`` in bf16 autocast on the same slide, as a timing, and its nuclei against the fp32 run's."""
+    from dataclasses import replace
+
+    from pysynth.infer import GEOJSON, infer_slide, model_digest
+    from pysynth.io import open_slide
+
+    bf16 = replace(config, precision="bf16")
+    with open_slide(path) as reader:
+        infer_slide(reader, model, info, out_dir, config=bf16, model_id=model_digest(folder), overwrite=True)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    row = _single(
+        "infer_slide, network in bf16 autocast (CPU bf16 units), the same slide",
+        float(summary["seconds"]),
+        slide_px,
+        stages_s=summary["timings"],
+        nuclei=summary["nuclei"],
+    )
+    agreement = nucleus_agreement(ref_dir / GEOJSON, out_dir / GEOJSON)
+    (na, nb), change = agreement["nuclei"], agreement["count_change"]
+    notes = {
+        "bf16_time_split": time_split(summary["timings"], float(summary["seconds"])),
+        "bf16_nuclei": f"{agreement['share_iou_0.98']:.1%} of the fp32 run's nuclei have one at IoU >= 0.98 in "
+        f"bf16, {agreement['share_iou_0.9']:.1%} at >= 0.9; {na:,} -> {nb:,} nuclei ({change:+.2%})",
+        "bf16_agreement": agreement,
+    }
+    return [row, notes]
+
+
 def centred_cells(side: int, regions_hw: tuple[int, int], core: int) -> tuple[list[tuple[int, int]], int]:
     """Tissue cells filling the middle ``core/2`` square of each of ``rows × cols`` regions at the slide's centre.
 
@@ -344,6 +411,18 @@ def run(quick: bool = False) -> list:
             notes["native20x_vs_default"] = round(row.rate / ours.rate, 3)
             rows[1].update(notes)
             rows.insert(1, row)
+        if device.type == "cpu":
+            ours, baseline = rows[0]
+            if cpu_bf16_units():
+                row, notes = precision_row(
+                    path, model, info, folder, plan.config, workdir / "outbf16", workdir / "out", ours.items_per_call
+                )
+                notes["bf16_vs_fp32"] = round(row.rate / ours.rate, 3)
+                notes["bf16_vs_classical"] = round(row.rate / baseline.rate, 3)
+                rows[-1].update(notes)
+                rows.insert(-1, row)
+            else:
+                rows[-1]["bf16"] = "not run: this CPU has no bf16 units (AVX-512 BF16 or AMX)"
         rows.append(slide)
         rows.append(memory_cases(plan, source, info.mpp, workdir, device.type))
     return rows

@@ -92,7 +92,9 @@ def test_infer_section_rows_on_a_tiny_plan(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(infer, "QUICK", tiny)
     result = suite.run_section("infer", quick=True)
     assert result.available
-    ours, baseline, native = result.timings  # default against the classical pipeline; native20x on the same slide
+    # default against the classical pipeline; native20x on the same slide; bf16 where the CPU has bf16 units
+    ours, baseline, native, *bf16 = result.timings
+    assert len(bf16) == int(infer.cpu_bf16_units())
     assert ours.extra["baseline"] == baseline.name
     assert ours.unit == baseline.unit == "px"
     assert ours.items_per_call == baseline.items_per_call > 0  # the same region cores
@@ -112,4 +114,36 @@ def test_infer_section_rows_on_a_tiny_plan(monkeypatch: pytest.MonkeyPatch) -> N
     assert [c["regions"] for c in cases] == [1, 1, 4]  # tissue centred in regions: no neighbours from the mask
     assert all(c["peak_mb"] >= c["setup_peak_mb"] > 0 for c in cases)
     assert "MB" in notes["peak_rss"]
+    if bf16:
+        assert "bf16" in bf16[0].name
+        assert bf16[0].items_per_call == ours.items_per_call
+        assert notes["bf16_vs_fp32"] == pytest.approx(bf16[0].rate / ours.rate, rel=1e-3)
+        assert notes["bf16_agreement"]["nuclei"][0] == ours.extra["nuclei"]
+    else:
+        assert "no bf16 units" in notes["bf16"]
     assert "infer" in suite.format_section(result)
+
+
+def test_nucleus_agreement_scores_each_reference_nucleus_by_its_best_iou(tmp_path: Path) -> None:
+    import json
+
+    from pysynth.bench.infer import nucleus_agreement
+
+    def square(x: float, y: float, side: float = 20.0) -> dict:
+        ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}}
+
+    def write(name: str, features: list[dict]) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+        return path
+
+    reference = write("a.json", [square(0, 0), square(100, 0), square(200, 0), square(300, 0)])
+    # the same; moved by 1 px of 20 (IoU 19/21 = 0.905); moved by 0.1 px (IoU 0.990); gone; and one new.
+    other = write("b.json", [square(0, 0), square(101, 0), square(200.1, 0), square(500, 0), square(600, 0)])
+    agreement = nucleus_agreement(reference, other)
+    assert agreement["nuclei"] == [4, 5]
+    assert agreement["share_iou_0.98"] == 0.5  # the first and the third
+    assert agreement["share_iou_0.9"] == 0.75  # and the second
+    assert agreement["count_change"] == 0.25
+    assert nucleus_agreement(reference, reference)["share_iou_0.98"] == 1.0
