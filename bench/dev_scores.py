@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m pysynth.bench.dev_scores MODEL [MODEL ...] [--tta 1] [--min-confidence C] [--json OUT]
+    python -m pysynth.bench.dev_scores MODEL [MODEL ...] [--tta 1] [--min-confidence C] [--precision fp32|bf16]
+        [--json OUT]
         [--monuseg ../shared/data/monuseg-train] [--brca ../shared/data/brca-m2c]
 
 ``MODEL`` is a model folder or ``default`` (the shipped model). For each model:
@@ -13,7 +14,8 @@ Usage::
   precision/recall/F1, predicted centroids matched one-to-one to dots within 3 µm (``pysynth evaluate --dots``).
 
 Each image goes through :func:`pysynth.segment.segment_rgb` with the model's own post-processing (what ``pysynth
-segment`` does), optionally with ``--tta`` and a ``--min-confidence`` override.
+segment`` does), optionally with ``--tta``, a ``--min-confidence`` override and the network in bf16 autocast
+(``--precision bf16``, as ``segment --precision bf16`` runs it).
 """
 
 from __future__ import annotations
@@ -35,7 +37,13 @@ def _rgb(path: Path) -> np.ndarray:
 
 
 def score_model(
-    folder: str, monuseg: Path, brca: Path, *, tta: int = 1, min_confidence: float | None = None
+    folder: str,
+    monuseg: Path,
+    brca: Path,
+    *,
+    tta: int = 1,
+    min_confidence: float | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """The dev scores of one model (see the module's docstring)."""
     from pysynth.detection import centroids, detection_scores, pool, read_dots
@@ -52,14 +60,14 @@ def score_model(
     for label_path in sorted((monuseg / "labels").glob("*.png")):
         rgb = _rgb(monuseg / "images" / label_path.name)
         gt = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED).astype(np.int32)
-        pred = segment_rgb(model, info, rgb, 0.25, instances, tta=tta)
+        pred = segment_rgb(model, info, rgb, 0.25, instances, tta=tta, precision=precision)
         scores.append(score(gt, pred))
         errors.append(object_errors(gt, pred))
     mean, pooled = mean_scores(scores), summarise(errors)
     dots = []
     for name in (brca / "brca_ds_test.txt").read_text().split():
         rgb = _rgb(brca / "images" / name)
-        pred = segment_rgb(model, info, rgb, 0.5, instances, tta=tta)
+        pred = segment_rgb(model, info, rgb, 0.5, instances, tta=tta, precision=precision)
         yx, classes = read_dots(brca / "labels" / f"{Path(name).stem}_gt_class_coords.txt", rgb.shape[:2])
         dots.append(detection_scores(centroids(pred), yx, classes, 3.0 / 0.5))
     detection = pool(dots)
@@ -67,6 +75,7 @@ def score_model(
         "model": folder,
         "tta": tta,
         "min_confidence": instances.min_confidence,
+        **({"precision": precision} if precision != "fp32" else {}),
         "dice1": mean.dice1,
         "dice2": mean.dice2,
         "dice_avg": mean.dice_avg,
@@ -102,7 +111,8 @@ def markdown(rows: list[dict[str, float]]) -> str:
     lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
     for r in rows:
         values = " | ".join(f"{r[k]:.3f}" for k, _ in COLUMNS)
-        lines.append(f"| {r['model']} | {r['tta']} | {r['min_confidence']:g} | {values} | {r['seconds']:.0f} |")
+        name = r["model"] + (f" ({r['precision']})" if "precision" in r else "")
+        lines.append(f"| {name} | {r['tta']} | {r['min_confidence']:g} | {values} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -112,13 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("models", nargs="+")
     parser.add_argument("--tta", type=int, default=1)
     parser.add_argument("--min-confidence", type=float, default=None)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--monuseg", type=Path, default=SHARED / "monuseg-train")
     parser.add_argument("--brca", type=Path, default=SHARED / "brca-m2c")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     rows = []
     for folder in args.models:
-        rows.append(score_model(folder, args.monuseg, args.brca, tta=args.tta, min_confidence=args.min_confidence))
+        kwargs = {"tta": args.tta, "min_confidence": args.min_confidence, "precision": args.precision}
+        rows.append(score_model(folder, args.monuseg, args.brca, **kwargs))
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     print(markdown(rows))
     if args.json:

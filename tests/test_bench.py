@@ -158,6 +158,15 @@ def test_dev_scores_on_a_tiny_copy_of_both_dev_sets(tmp_path, shared_data):
     assert row["brca_f1"] == pytest.approx(det.f1, abs=1e-9)
     assert 0 < row["brca_f1"] <= 1
     assert 0 < row["pixel_precision"] <= 1
+    half = score_model("default", mon, brca, precision="bf16")  # the network in bf16 autocast, as segment runs it
+    from pysynth.infer import inference_model
+    from pysynth.models.io import default_model_dir
+
+    folded, _ = inference_model(str(default_model_dir()))  # bf16 rounds folded BatchNorm differently
+    expected = score(gt.astype(np.int32), segment_rgb(folded, info, rgb, 0.25, precision="bf16"))
+    assert half["aji"] == pytest.approx(expected.aji, abs=1e-6)
+    assert half["precision"] == "bf16"
+    assert "(bf16)" in markdown([half])
     assert "| default | 1 |" in markdown([row])
 
 
