@@ -296,7 +296,11 @@ def _instances(detection: np.ndarray, segmentation: np.ndarray, config: Instance
 
 
 def _clean(labels: np.ndarray, min_size: int, connectivity: int = 4) -> np.ndarray:
-    """Fill each instance's holes, keep its largest 4-connected part, drop instances below ``min_size`` px, renumber."""
+    """Fill holes, merge enclosed instances (:func:`fill_enclosed`), keep largest parts, drop small ones, renumber.
+
+    Instances below ``min_size`` px are dropped; each keeps its largest 4-connected part (only an 8-connected
+    watershed can split one).
+    """
     out = labels.copy()
     background = (out == 0).astype(np.uint8)
     n_bg, bg_parts = cv2.connectedComponents(background, connectivity=4, ltype=cv2.CV_32S)
@@ -325,6 +329,7 @@ def _clean(labels: np.ndarray, min_size: int, connectivity: int = 4) -> np.ndarr
         fill[0] = 0
         fill[border] = 0
         out = np.where(fill[bg_parts] > 0, fill[bg_parts], out)
+    out = fill_enclosed(out)
     # One 4-connected part each, so outlines agree with pixel counts. A 4-connected watershed grows each label from
     # a 4-connected seed through 4-neighbours, and a filled hole is 4-adjacent to its instance, so only an
     # 8-connected watershed can leave an instance in parts.
@@ -340,6 +345,49 @@ def _clean(labels: np.ndarray, min_size: int, connectivity: int = 4) -> np.ndarr
     new = np.zeros(int(present.max()) + 1 if present.size else 1, np.int32)
     new[present[np.argsort(first)]] = np.arange(1, present.size + 1, dtype=np.int32)
     return new[out]
+
+
+def fill_enclosed(labels: np.ndarray) -> np.ndarray:
+    """Give each instance every pixel its outline encloses: holes of background and other instances inside it.
+
+    An outline is an exterior ring (outlines keep no holes), so what an instance encloses is drawn as part of it.
+    A nucleus does not hold another: an instance inside another is a second seed within one nucleus (a dark
+    chromatin clump, a nucleolus), and a hole is nuclear pixels the foreground missed. Left apart, two polygons
+    would overlap, or an outline would cover more than its pixels. Enclosed means: a 4-connected part of the
+    pixels that are not the instance, inside its bounding box without reaching the box's edge (so it cannot reach
+    the image's edge either). Nested instances end in the outermost.
+    """
+    flat = labels.ravel()
+    where = np.flatnonzero(flat)
+    if where.size == 0:
+        return labels
+    ids = flat[where]
+    order = np.argsort(ids, kind="stable")
+    ids, where = ids[order], where[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    w = labels.shape[1]
+    ys, xs = where // w, where % w
+    y0, y1 = np.minimum.reduceat(ys, starts), np.maximum.reduceat(ys, starts)
+    x0, x1 = np.minimum.reduceat(xs, starts), np.maximum.reduceat(xs, starts)
+    out = labels
+    for k, a, b, c, d in zip(ids[starts], y0, y1, x0, x1, strict=True):
+        if b - a < 2 or d - c < 2:  # nothing fits inside
+            continue
+        box = out[a : b + 1, c : d + 1]
+        other = (box != k).astype(np.uint8)
+        if not other[1:-1, 1:-1].any():
+            continue
+        n, parts = cv2.connectedComponents(other, connectivity=4, ltype=cv2.CV_32S)
+        outside = np.unique(np.concatenate([parts[0], parts[-1], parts[:, 0], parts[:, -1]]))
+        inside = np.ones(n, bool)
+        inside[0] = False
+        inside[outside] = False
+        if inside.any():
+            if out is labels:
+                out = labels.copy()
+                box = out[a : b + 1, c : d + 1]
+            box[inside[parts]] = k
+    return out
 
 
 def largest_parts(labels: np.ndarray) -> np.ndarray:

@@ -328,3 +328,89 @@ def test_4_connected_instances_come_in_one_part_each(seed: int, sigma: float) ->
     det, seg = ((m - m.min()) / (np.ptp(m) + 1e-9) for m in (det, seg))
     found = find_instances(det, seg, InstanceConfig(min_size=1, detection_sigma=0.0, segmentation_sigma=0.0))
     np.testing.assert_array_equal(largest_parts(found.labels), found.labels)
+
+
+def _fill_enclosed_reference(labels: np.ndarray) -> np.ndarray:
+    """Instance by instance: flood the padded image from its corner around the instance; what is not reached is
+    enclosed by it and becomes it (repeated until nothing changes, so nested ones end in the outermost)."""
+    out = labels.copy()
+    changed = True
+    while changed:
+        changed = False
+        for k in np.unique(out[out > 0]):
+            free = np.pad((out != k).astype(np.uint8), 1, constant_values=1)
+            flood = np.zeros((free.shape[0] + 2, free.shape[1] + 2), np.uint8)
+            cv2.floodFill(free, flood, (0, 0), 2, flags=4)
+            enclosed = (free == 1)[1:-1, 1:-1]
+            if enclosed.any():
+                out[enclosed] = k
+                changed = True
+    return out
+
+
+def test_an_instance_inside_another_joins_it() -> None:
+    from pysynth.instances import fill_enclosed
+
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:25, 5:25] = 1
+    labels[12:16, 12:16] = 2  # inside 1: joins it
+    labels[5:25, 30:50] = 3
+    labels[10:14, 35:39] = 4  # inside 3 ...
+    labels[11:13, 36:38] = 5  # ... and 5 inside 4: both join 3
+    labels[0:6, 52:60] = 6
+    labels[2:4, 55:60] = 7  # inside 6 but on the image's edge: kept
+    labels[28:38, 5:25] = 8
+    labels[30:34, 5:9] = 9  # inside 8 but touching the background at a side: kept
+    labels[28:38, 30:40] = 10
+    labels[28:38, 40:50] = 11
+    labels[32:34, 39:41] = 12  # between 10 and 11: kept
+    merged = fill_enclosed(labels)
+    assert merged[13, 13] == 1
+    assert merged[12, 37] == 3
+    assert merged[11, 36] == 3
+    assert merged[3, 57] == 7
+    assert merged[31, 6] == 9
+    assert merged[33, 40] == 12
+    np.testing.assert_array_equal(merged, _fill_enclosed_reference(labels))
+    no_change = labels.copy()
+    no_change[labels == 2] = 1
+    no_change[(labels == 4) | (labels == 5)] = 3
+    np.testing.assert_array_equal(merged, no_change)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.6, 2.5))
+def test_no_instance_lies_inside_another_and_outlines_do_not_overlap(seed: int, sigma: float) -> None:
+    # After find_instances no instance is enclosed by a single other one, and it matches the object-by-object
+    # reference on the labels before the merge; so no two outlines overlap and each covers its own pixels only.
+    import shapely
+
+    from pysynth.instances import fill_enclosed
+
+    rng = np.random.default_rng(seed)
+    det, seg = (cv2.GaussianBlur(rng.random((60, 70)).astype(np.float32), (0, 0), sigma) for _ in range(2))
+    det, seg = ((m - m.min()) / (np.ptp(m) + 1e-9) for m in (det, seg))
+    seg = np.clip(seg * 1.6, 0, 1)  # large foreground: rings around other seeds happen
+    found = find_instances(det, seg, InstanceConfig(min_size=1, detection_sigma=0.0, segmentation_sigma=0.0))
+    labels = found.labels
+    np.testing.assert_array_equal(fill_enclosed(labels), labels)  # nothing left to merge
+    np.testing.assert_array_equal(_fill_enclosed_reference(labels), labels)
+    polygons = [shapely.Polygon(ring + 0.0) for ring in trace_contours(labels) if len(ring) >= 3]
+    counts = np.bincount(labels.ravel())[1:]
+    assert [round(p.area) for p in polygons] == [int(c) for c in counts if c]
+    tree = shapely.STRtree(polygons)
+    a, b = tree.query(polygons, predicate="contains")
+    assert not np.any(a != b), "an outline contains another"
+
+
+def test_fill_enclosed_matches_the_reference_on_random_labels() -> None:
+    from pysynth.instances import fill_enclosed
+
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        labels = np.zeros((30, 40), np.int32)
+        for k in range(1, 9):
+            y, x = rng.integers(0, 30), rng.integers(0, 40)
+            hh, ww = rng.integers(2, 16, size=2)
+            labels[y : y + hh, x : x + ww] = k  # later rectangles overwrite: nesting, rings and cuts
+        np.testing.assert_array_equal(fill_enclosed(labels), _fill_enclosed_reference(labels))
