@@ -4,6 +4,8 @@ model cache, and the one QuPath feature builder that ``segment`` and ``infer`` s
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -21,9 +23,11 @@ from pysynth.infer import (
     fit_colour,
     inference_model,
     plan_regions,
+    read_window,
     run_regions,
     slide_settings,
 )
+from pysynth.infer.run import region_record
 from pysynth.io import ArrayReader
 from pysynth.ledger import SettingsMismatch
 from pysynth.models.io import default_model_dir
@@ -123,6 +127,47 @@ def test_region_pipeline_saves_every_region_and_stops_when_asked(tmp_path, model
     assert not complete
     assert len(counts) == 2  # the region passed when stop came is saved too
     assert len(list((tmp_path / "stopped").glob("0*.json"))) == 2
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="per-thread nice values are Linux's")
+def test_region_pipeline_helpers_yield_the_cpu_to_the_network(tmp_path, model_info, tissue_crop, monkeypatch):
+    import pysynth.infer.run as run
+
+    model, info = model_info
+    reader = ArrayReader(tissue_crop, 0.25)
+    config = InferConfig(core=192, margin=128)
+    regions = plan_regions(reader, info.mpp, config, None)[:3]
+    net = Network(model, config, classes=True)
+    seen: dict[str, set[int]] = {"read": set(), "post": set(), "network": set()}
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    def read(*args, **kwargs):
+        seen["read"].add(niceness())
+        return read_window(*args, **kwargs)
+
+    def record(*args, **kwargs):
+        seen["post"].add(niceness())
+        return region_record(*args, **kwargs)
+
+    def network(window):
+        seen["network"].add(niceness())
+        return net(window)
+
+    monkeypatch.setattr(run, "read_window", read)
+    monkeypatch.setattr(run, "region_record", record)
+    before = niceness()
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    assert run.run_regions(
+        reader, regions, network, fit_colour([], "none"), parts, mpp=info.mpp, margin=config.margin,
+        instances=info.instances, timings=Timings(),
+    )  # fmt: skip
+    assert seen["network"] == {before}  # the caller's thread (the network's) keeps its priority
+    assert seen["read"] == seen["post"] == {max(run.HELPER_NICE, before)}
+    assert niceness() == before
+    assert len(list(parts.glob("0*.json"))) == 3
 
 
 def test_inference_model_is_loaded_again_when_its_folder_changes(tmp_path):
