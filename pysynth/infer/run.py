@@ -212,8 +212,9 @@ def run_regions(
 
     Pipelined on three threads: the next window is read and normalised, and the previous one post-processed and
     written, while the network runs on the current one; the two helper threads run at a lower priority
-    (:func:`yield_to_network`), so they never stall the network's threads. ``on_region(nuclei)`` is called as each region is saved;
-    ``stop`` is polled after each network pass. Returns False when stopped (the regions passed so far are saved).
+    (:func:`yield_to_network`), so they never stall the network's threads. ``on_region(nuclei)`` is called as
+    each region is saved; ``stop`` is polled after each network pass. Returns False when stopped (the regions
+    passed so far are saved).
     """
     f = mpp / reader.mpp
     slide_hw = slide_extent(reader, mpp)
