@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m pysynth.bench.network_layout [--threads 2] [--json OUT]
+    python -m pysynth.bench.network_layout [--threads 2] [--section NAME ...] [--json OUT]
 
 All on real tissue of the bundled slide at 0.25 µm/px with the shipped default model, in one process, so the
 rates are comparable within the run (the host's absolute speed moves between runs):
@@ -12,7 +12,10 @@ rates are comparable within the run (the host's absolute speed moves between run
   (:func:`pysynth.segment.predict_maps` with ``context``), with the largest map difference against one pass;
 - ``compile``: eager against ``torch.compile`` on 2,304² and 1,024² passes, and the compilation time;
 - ``seams``: ``infer_slide`` on a 560×720 region in small regions (core, margin) against one region: nuclei
-  counts and how many differ (IoU < 0.95), for pairs on and off the pooling grid (the CLI refuses the latter).
+  counts and how many differ (IoU < 0.95), for pairs on and off the pooling grid (the CLI refuses the latter);
+- ``contention``: a 2,304² pass alone, then beside a busy helper thread (OpenCV blurs, as reading and
+  post-processing are) at the normal priority and at the helpers' lowered one (:func:`pysynth.infer.run.
+  yield_to_network`, what ``infer`` does).
 """
 
 from __future__ import annotations
@@ -52,8 +55,45 @@ def _iou_misses(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.sum(best_iou(a, b) < 0.95))
 
 
-def run(threads: int = 2) -> dict[str, Any]:
-    """Every section; returns the JSON-able results."""
+SECTIONS = ("passes", "tiles", "compile", "seams", "contention")
+
+
+def contention(model: Any, window: np.ndarray) -> dict[str, float]:
+    """Mpx/s of a one-pass network call on ``window`` alone and beside a busy thread at two priorities (best of 3)."""
+    import threading
+
+    import cv2
+
+    from pysynth.infer.run import yield_to_network
+    from pysynth.segment import predict_maps
+
+    def rate() -> float:
+        return window.shape[0] * window.shape[1] / _best(lambda: predict_maps(model, window, tile=4096)) / 1e6
+
+    predict_maps(model, window, tile=4096)
+    out = {"alone": round(rate(), 2)}
+    for name, lower in (("beside a busy thread", False), ("beside a busy thread at the helpers' priority", True)):
+        stop = threading.Event()
+
+        def busy(lower: bool = lower, stop: threading.Event = stop) -> None:
+            if lower:
+                yield_to_network()
+            a = np.random.default_rng(0).random((2000, 2000), dtype=np.float32)
+            while not stop.is_set():
+                cv2.GaussianBlur(a, (0, 0), 3)
+
+        thread = threading.Thread(target=busy)
+        thread.start()
+        try:
+            out[name] = round(rate(), 2)
+        finally:
+            stop.set()
+            thread.join()
+    return out
+
+
+def run(threads: int = 2, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """The chosen sections (all by default); returns the JSON-able results."""
     import pysynth.infer.config as infer_config
     from pysynth import data_path
     from pysynth.infer import InferConfig, infer_slide, inference_model, keep_freed_memory, rasterise
@@ -69,27 +109,31 @@ def run(threads: int = 2) -> dict[str, Any]:
     model, info = inference_model(str(default_model_dir()))
     out: dict[str, Any] = {"threads": threads}
 
+    if "contention" in sections:
+        out["contention_mpx_per_s"] = contention(model, window)
     passes = {}
-    for side in (512, 1024, 1280, 2304):
+    for side in (512, 1024, 1280, 2304) if "passes" in sections else ():
         x = np.ascontiguousarray(window[:side, :side])
         _predict_maps_once(model, x, tile=side, overlap=0, batch=1)
         passes[f"{side}²"] = round(
             side * side / _best(lambda x=x, s=side: _predict_maps_once(model, x, tile=s, overlap=0)) / 1e6, 2
         )
-    out["passes_mpx_per_s"] = passes
+    if passes:
+        out["passes_mpx_per_s"] = passes
 
-    ref = predict_maps(model, window, tile=4096, context=128)
+    ref = predict_maps(model, window, tile=4096, context=128) if "tiles" in sections else None
     tiles = {}
-    for name, tile, context in TILINGS:
+    for name, tile, context in TILINGS if "tiles" in sections else ():
         seconds = _best(lambda t=tile, c=context: predict_maps(model, window, tile=t, context=c))
         maps = predict_maps(model, window, tile=tile, context=context)
         diff = max(float(np.abs(a - b).max()) for a, b in zip(maps, ref, strict=True))
         tiles[name] = {"mpx_per_s": round(window.size / 3 / seconds / 1e6, 2), "max_map_difference": diff}
-    out["tiles_of_a_2304_window"] = tiles
+    if tiles:
+        out["tiles_of_a_2304_window"] = tiles
 
     compiled = {}
     with torch.no_grad():
-        for side in (2304, 1024):
+        for side in (2304, 1024) if "compile" in sections else ():
             x = torch.randn(1, 3, side, side).contiguous(memory_format=torch.channels_last)
             model(x)
             eager = side * side / _best(lambda x=x: model(x)) / 1e6
@@ -103,7 +147,10 @@ def run(threads: int = 2) -> dict[str, Any]:
                 "compiled": round(rate, 2),
                 "compile_s": round(compile_s, 1),
             }
-    out["compile_mpx_per_s"] = compiled
+    if compiled:
+        out["compile_mpx_per_s"] = compiled
+    if "seams" not in sections:
+        return out
 
     def nuclei(config: InferConfig) -> np.ndarray:
         with tempfile.TemporaryDirectory() as tmp:
@@ -139,9 +186,10 @@ def run(threads: int = 2) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--section", action="append", choices=SECTIONS, help="Run only these (repeatable).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    result = run(args.threads)
+    result = run(args.threads, tuple(args.section) if args.section else SECTIONS)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json is not None:

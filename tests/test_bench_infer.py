@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 import cv2
@@ -147,3 +149,18 @@ def test_nucleus_agreement_scores_each_reference_nucleus_by_its_best_iou(tmp_pat
     assert agreement["share_iou_0.9"] == 0.75  # and the second
     assert agreement["count_change"] == 0.25
     assert nucleus_agreement(reference, reference)["share_iou_0.98"] == 1.0
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="per-thread nice values are Linux's")
+def test_contention_bench_measures_three_cases_and_stops_its_thread(model_info, tissue_crop):
+    import threading
+
+    from pysynth.bench.network_layout import contention
+
+    model, _ = model_info
+    before, priority = threading.active_count(), os.getpriority(os.PRIO_PROCESS, 0)
+    rates = contention(model, np.ascontiguousarray(tissue_crop[:256, :256]))
+    assert list(rates) == ["alone", "beside a busy thread", "beside a busy thread at the helpers' priority"]
+    assert all(r > 0 for r in rates.values())
+    assert threading.active_count() == before
+    assert os.getpriority(os.PRIO_PROCESS, 0) == priority  # only the busy thread was lowered, not the caller

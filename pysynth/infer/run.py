@@ -177,10 +177,12 @@ def yield_to_network() -> bool:
     """Lower the calling thread's priority so that it runs on what the network's threads leave (Linux; idempotent).
 
     The network's intra-op threads (one per core) work in lock-step: an operator ends when its slowest thread
-    does. A reader or post-processing thread that takes a core from one of them stalls the whole team, so on the
-    project's 2-core machine one busy helper thread slowed a 2,304² network pass 2.3-3× (2.1-2.8 against
-    6.4-6.7 Mpx/s). At nice 19 the helpers still run, in the gaps between and within the network's passes and
-    whenever the network waits for them, while the network keeps its cores. Linux gives every thread its own nice
+    does. A reader or post-processing thread that takes a core from one of them stalls the whole team: on the
+    project's 2-core machine a busy thread beside a 2,304² network pass left it 0.53-0.56× of its rate alone, and
+    0.91-0.95× when that thread ran at nice 19 (``python -m pysynth.bench.network_layout --section contention``,
+    two runs). At nice 19 the helpers still run, in the gaps between and within the network's passes and
+    whenever the network waits for them, while the network keeps its cores. Threads a helper starts (an OpenCV
+    or OpenMP pool first used from it) inherit its nice value. Linux gives every thread its own nice
     value; elsewhere ``setpriority`` would lower the whole process, so this does nothing there (False).
     """
     import os
@@ -244,8 +246,10 @@ def run_regions(
         if on_region is not None:
             on_region(n)
 
-    helpers = {"initializer": yield_to_network}
-    with ThreadPoolExecutor(1, **helpers) as reader_pool, ThreadPoolExecutor(1, **helpers) as post_pool:
+    with (
+        ThreadPoolExecutor(1, initializer=yield_to_network) as reader_pool,
+        ThreadPoolExecutor(1, initializer=yield_to_network) as post_pool,
+    ):
         pending_read = reader_pool.submit(load, todo[0]) if todo else None
         pending_post = None
         for i, region in enumerate(todo):
