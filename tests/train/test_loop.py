@@ -61,13 +61,21 @@ def test_a_run_writes_a_usable_model_folder(tmp_path: Path, real_png: Path) -> N
     assert TrainConfig.from_dict(load_config_file(folder / "config.yaml")) == config
     validation = json.loads((folder / "validation.json").read_text())
     assert len(validation["grid"]) == 80 * len(MIN_CONFIDENCE_GRID)
-    # The model keeps the setting of the grid with the best validation AJI (ties: PQ), not merely one of the grid's
-    # (choose_thresholds' scores themselves are checked against a recomputation in test_choose_thresholds.py).
-    best = max((row["aji"], row["pq"]) for row in validation["grid"])
+    # The model keeps the grid's chosen setting: as good as the best (one-standard-error rule), and no setting as good
+    # has a higher minimum confidence (choose_thresholds' rule itself is checked in test_choose_thresholds.py).
     keys = InstanceConfig.__dataclass_fields__
     (kept,) = [row for row in validation["grid"] if {k: row[k] for k in keys} == asdict(info.instances)]
-    assert (kept["aji"], kept["pq"]) == best
+    assert kept == validation["grid"][0]
+    assert kept["as_good"]
+    assert kept["min_confidence"] == max(row["min_confidence"] for row in validation["grid"] if row["as_good"])
     assert validation["chosen"] == asdict(info.instances)
+    # The held-out patches are rebuilt from the folder alone, and the same rule gives the same choice.
+    from pysynth.bench.thresholds import rechoose
+
+    again = rechoose(str(folder), [real_png], 0.25)
+    assert again["chosen"] == again["recorded"] == asdict(info.instances)
+    assert again["chosen_row"] == kept
+    assert again["settings"] == len(validation["grid"])
     out = model(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 2, 32, 32)
 

@@ -1,0 +1,79 @@
+"""A trained model's post-processing chosen again on its own held-out synthetic patches, by today's rule.
+
+Usage::
+
+    python -m pysynth.bench.thresholds MODEL --real SOURCE [--real SOURCE ...] [--input-mpp UM] [--json OUT]
+
+``MODEL`` is a model folder or a shipped model's name; ``--real`` and ``--input-mpp`` are the sources it was trained
+on, as its training command gave them. The held-out patches are rebuilt from the model's ``config.yaml`` exactly as
+training made them (item ``VAL_OFFSET + k`` of its synthetic stream), so the grid reproduces the run's
+``validation.json``; :func:`pysynth.train.loop.choose_thresholds` then chooses. Prints the model's recorded
+post-processing, the chosen one, the reference setting (best mean AJI) and how many settings were as good as it.
+The model folder is not changed. Synthetic labels only: no real label is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+
+def rechoose(model: str, real: list[Path], input_mpp: float | None) -> dict[str, Any]:
+    """The recorded and the re-chosen post-processing of ``model``, with the reference row and the grid."""
+    from pysynth.models.io import load_model, resolve_model_dir
+    from pysynth.train.config import TrainConfig, load_config_file
+    from pysynth.train.loop import VAL_OFFSET, ItemMaker, make_source, validate_thresholds
+
+    folder = resolve_model_dir(model)
+    config = TrainConfig.from_dict(load_config_file(folder / "config.yaml"))
+    net, info = load_model(folder)
+    net.eval()
+    with tempfile.TemporaryDirectory(prefix="pysynth-thresholds-") as tmp:
+        maker = ItemMaker(make_source(config, Path(tmp), real, None, input_mpp), config)
+        items = [maker(VAL_OFFSET + k) for k in range(config.val_patches)]
+        chosen, table, _ = validate_thresholds(net, items, config, Path(tmp))
+    reference = max(table, key=lambda row: (row["aji"], row["pq"]))
+    return {
+        "model": model,
+        "recorded": asdict(info.instances),
+        "chosen": asdict(chosen),
+        "chosen_row": table[0],
+        "reference_row": reference,
+        "as_good": sum(row["as_good"] for row in table),
+        "settings": len(table),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pysynth.errors import PysynthError
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--real", type=Path, action="append", required=True)
+    parser.add_argument("--input-mpp", type=float, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        result = rechoose(args.model, args.real, args.input_mpp)
+    except PysynthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    c, r = result["chosen_row"], result["reference_row"]
+    print(f"recorded: {json.dumps(result['recorded'])}")
+    print(f"chosen:   {json.dumps(result['chosen'])}")
+    print(
+        f"chosen AJI {c['aji']:.4f} PQ {c['pq']:.4f}; reference (best mean AJI) AJI {r['aji']:.4f} PQ {r['pq']:.4f}"
+        f" at minimum confidence {r['min_confidence']}; {result['as_good']} of {result['settings']} settings as good"
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
