@@ -119,6 +119,27 @@ def share_threshold(scores: np.ndarray, share: float) -> float:
     return -math.inf if k >= s.size else float(s[k])
 
 
+def best_f1(scores: np.ndarray, truth: np.ndarray) -> float:
+    """The largest F1 of ``scores > t`` over every threshold ``t``: a ceiling that reads the labels.
+
+    Measuring only: it says how well a score *could* call lymphocytes at the best cut for these very nuclei, so it
+    separates a score's ranking from the cut a label-free method chose. Tied scores are called together. NaN
+    without positives.
+    """
+    s = np.asarray(scores, np.float64).ravel()
+    t = np.asarray(truth, bool).ravel()
+    positives = int(t.sum())
+    if positives == 0 or s.size == 0:
+        return math.nan
+    order = np.argsort(-s, kind="stable")
+    s, t = s[order], t[order]
+    tp = np.cumsum(t)
+    called = np.arange(1, s.size + 1)
+    last = np.r_[s[1:] != s[:-1], True]  # the cut falls only between distinct scores
+    f1 = 2 * tp[last] / (called[last] + positives)
+    return float(f1.max())
+
+
 # ---------------------------------------------------------------------------------------------- per-nucleus
 
 
@@ -350,7 +371,12 @@ def score_table(matched: MatchedNuclei, model_threshold: float = 0.5) -> dict[st
             table[name] = None
             continue
         predicted = s >= cuts[name] if name == "model" else s > cuts[name]
-        row = {"auroc": auroc(s, truth), "threshold": cuts[name], "share": float(predicted.mean()) if s.size else None}
+        row = {
+            "auroc": auroc(s, truth),
+            "best_f1": best_f1(s, truth),
+            "threshold": cuts[name],
+            "share": float(predicted.mean()) if s.size else None,
+        }
         table[name] = _clean(row) | classification_scores(predicted, truth).to_dict()
     return table
 
@@ -502,17 +528,20 @@ def markdown(document: dict[str, Any]) -> str:
     def fmt(v: float | None) -> str:
         return "–" if v is None else f"{v:.3f}"
 
-    lines = ["| score | AUROC | P | R | F1 | threshold | share |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| score | AUROC | P | R | F1 | threshold | share | best F1 (labels' cut) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in SCORES:
         row = document["scores"][name]
         if row is None:
-            lines.append(f"| {name} | n/a | n/a | n/a | n/a | | |")
+            lines.append(f"| {name} | n/a | n/a | n/a | n/a | | | n/a |")
             continue
         t = row["threshold"]
         cut = ("≥ " if name == "model" else "> ") + ("−inf" if t is None else f"{t:.4g}")
         lines.append(
             f"| {name} | {fmt(row['auroc'])} | {fmt(row['precision'])} | {fmt(row['recall'])} | {fmt(row['f1'])} "
-            f"| {cut} | {fmt(row['share'])} |"
+            f"| {cut} | {fmt(row['share'])} | {fmt(row.get('best_f1'))} |"
         )
     d = document["detection"]
     lines.append("")

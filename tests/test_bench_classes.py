@@ -39,6 +39,24 @@ def test_auroc_matches_the_pairwise_count_with_ties(seed):
     assert classes.auroc(scores, truth) == pytest.approx(brute_auroc(scores, truth), abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_best_f1_is_the_best_of_every_cut(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 40))
+    scores = rng.integers(0, 6, n).astype(float)  # ties: a cut never splits equal scores
+    truth = rng.random(n) < 0.4
+    truth[0] = True
+    cuts = [-math.inf, *np.unique(scores)]
+    brute = max(classes.classification_scores(scores > t, truth).f1 for t in cuts)
+    assert classes.best_f1(scores, truth) == pytest.approx(brute, abs=1e-12)
+
+
+def test_best_f1_edge_cases():
+    assert classes.best_f1([1, 2, 3, 4], [False, False, True, True]) == 1.0
+    assert classes.best_f1([2, 2, 2, 2], [False, True, False, True]) == pytest.approx(2 / 3)  # all or nothing
+    assert math.isnan(classes.best_f1([1, 2], [False, False]))
+
+
 def test_auroc_edge_cases():
     assert classes.auroc([1, 2, 3, 4], [False, False, True, True]) == 1.0
     assert classes.auroc([4, 3, 2, 1], [False, False, True, True]) == 0.0

@@ -72,6 +72,11 @@ class SynthConfig:
         transplant_fraction: Share of each patch's nuclei that are real nuclei of the tile (banked by the guide),
             pasted with their own pixels (optical density added to the background) and the guide's mask as label,
             beside the random polygons. Needs ``guide``.
+        transplant_classes: Give transplanted real nuclei a class by what a lymphocyte is, measured on the tile
+            (:func:`pysynth.synth.lymphocytes.real_nucleus_classes`): lymphocyte when round, dark among the tile's
+            sure nuclei and no larger than a section of a synthetic lymphocyte's sphere can show; other when larger
+            than any such section; unknown (no class loss) in between. False: every transplant is unknown. So the
+            class output also learns from real pixels, label-free.
         red_cell_rate: Mean count of red-blood-cell clusters per 400×400 px (unlabelled negatives in their own
             colour, :mod:`pysynth.synth.negatives`; counts scale with the patch's area in µm²).
         fibre_rate: Mean count of pink-to-purple fibres per 400×400 px (unlabelled negatives).
@@ -125,6 +130,7 @@ class SynthConfig:
     guide_confident: float = 0.8
     darkness_floor: float = 0.0
     transplant_fraction: float = 0.0
+    transplant_classes: bool = False
     red_cell_rate: float = 0.0
     fibre_rate: float = 0.0
     pigment_rate: float = 0.0

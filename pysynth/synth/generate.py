@@ -115,6 +115,8 @@ def _prepare_one(args: tuple[str, np.ndarray, dict, str, Any]) -> None:
     bank = {}
     if s.bank is not None:
         bank = {"bank_boxes": s.bank.boxes, "bank_delta": s.bank.delta, "bank_mask": s.bank.mask}
+        if s.bank.classes is not None:
+            bank["bank_classes"] = s.bank.classes
     np.savez(
         buffer,
         rgb=s.rgb,
@@ -220,7 +222,14 @@ def load_sources(dataset_dir: str | Path) -> list[SourceTile]:
                     density=float(z["density"]),
                     median_area=float(z["median_area"]),
                     darkness_min=float(z["darkness_min"]) if "darkness_min" in z else 0.0,
-                    bank=NucleusBank(z["bank_boxes"], z["bank_delta"], z["bank_mask"]) if "bank_boxes" in z else None,
+                    bank=NucleusBank(
+                        z["bank_boxes"],
+                        z["bank_delta"],
+                        z["bank_mask"],
+                        z.get("bank_classes"),
+                    )
+                    if "bank_boxes" in z
+                    else None,
                 )
             )
     return tiles

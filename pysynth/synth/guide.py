@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pysynth.errors import PysynthError
+from pysynth.synth.lymphocytes import UNKNOWN
 
 
 @dataclass
@@ -78,11 +79,14 @@ class NucleusBank:
         delta: float16 flat: optical density of the tile minus that of its inpainted background, per channel
             (``h·w·3`` values per nucleus).
         mask: bool flat: the guide's mask of the nucleus in its crop (``h·w`` values per nucleus).
+        classes: uint8 ``(k,)``: each nucleus' class code (:mod:`pysynth.synth.lymphocytes`), or None: all
+            unknown.
     """
 
     boxes: np.ndarray
     delta: np.ndarray
     mask: np.ndarray
+    classes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -92,6 +96,10 @@ class NucleusBank:
         h, w, offset = (int(v) for v in self.boxes[k])
         delta = self.delta[3 * offset : 3 * (offset + h * w)].astype(np.float32).reshape(h, w, 3)
         return delta, self.mask[offset : offset + h * w].reshape(h, w)
+
+    def class_of(self, k: int) -> int:
+        """Class code of nucleus ``k`` (unknown, 255, without classes)."""
+        return UNKNOWN if self.classes is None else int(self.classes[k])
 
 
 #: Margin of context around each banked nucleus (px), so its own blurred edge comes along.
@@ -107,8 +115,12 @@ def nucleus_bank(
     min_area: int = 60,
     max_area: int = 4000,
     limit: int = 256,
+    classes: np.ndarray | None = None,
 ) -> NucleusBank:
     """The guide's confident, isolated, whole nuclei of a tile, as a :class:`NucleusBank` (at most ``limit``).
+
+    ``classes`` (one code per guide label, :func:`pysynth.synth.lymphocytes.real_nucleus_classes`) gives the
+    banked nuclei their classes; None: the bank has none.
 
     A nucleus is banked when its confidence is at least ``confident``, its area lies in ``[min_area, max_area]``,
     it does not touch the tile's edge, and no other instance lies within :data:`BANK_PAD` px of it (its crop then
@@ -123,7 +135,7 @@ def nucleus_bank(
     areas = np.bincount(labels.ravel(), minlength=n + 1)
     top, left, bottom, right = bounding_boxes(labels, n)
     boxes = []
-    deltas, masks = [], []
+    deltas, masks, codes = [], [], []
     offset = 0
     for label in range(1, n + 1):
         if len(boxes) >= limit:
@@ -142,10 +154,16 @@ def nucleus_bank(
         boxes.append((y1 - y0, x1 - x0, offset))
         deltas.append(delta.astype(np.float16).ravel())
         masks.append(mask.ravel())
+        codes.append(0 if classes is None else int(classes[label]))
         offset += mask.size
     if not boxes:
         return empty
-    return NucleusBank(np.array(boxes, np.int64), np.concatenate(deltas), np.concatenate(masks))
+    return NucleusBank(
+        np.array(boxes, np.int64),
+        np.concatenate(deltas),
+        np.concatenate(masks),
+        None if classes is None else np.array(codes, np.uint8),
+    )
 
 
 def bounding_boxes(labels: np.ndarray, n: int) -> tuple[np.ndarray, ...]:

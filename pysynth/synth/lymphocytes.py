@@ -174,3 +174,53 @@ def lymphocyte_darkness(rng: np.random.Generator, darkness: np.ndarray, k: int, 
     start = min(len(darkness) - 1, int(config.lymphocyte_dark_quantile * len(darkness)))
     chosen = darkness[rng.integers(start, len(darkness), k)].astype(np.float32)
     return chosen * rng.uniform(1.05, 1.35, k).astype(np.float32)
+
+
+#: A real nucleus is called round (lymphocyte-like) at this circularity (``4πA / P²``) or more.
+ROUND = 0.85
+
+
+def real_nucleus_classes(labels: np.ndarray, darkness: np.ndarray, sure: np.ndarray, config: SynthConfig) -> np.ndarray:
+    """Class code of each real nucleus of a tile by what a lymphocyte is, with no label: uint8 ``(n + 1,)``.
+
+    The criteria are the synthetic lymphocytes' own, measured on the tile's real nuclei (a guide's instances):
+
+    - a section of a sphere of diameter ``D`` shows a profile no wider than ``D``: with the synthetic lymphocytes'
+      ``D`` of mean ``m`` and sd ``s`` (``SynthConfig.lymphocyte_diameter``), a profile wider than ``m + 3s``
+      (never more than the ``1.4 m`` the synthesis clips at) is no lymphocyte: :data:`OTHER`;
+    - a profile between ``m / 2`` and ``m + 2s`` wide (the equivalent diameter ``2√(A/π)``), round (circularity
+      at least :data:`ROUND`) and dark (mean density at least the ``lymphocyte_dark_quantile`` of the tile's sure
+      nuclei, the densities synthetic lymphocytes are painted with) is a :data:`LYMPHOCYTE`;
+    - everything else (small but pale or irregular, in-between sizes, too small to tell) is :data:`UNKNOWN`, and
+      so is every nucleus of a tile with fewer than 5 sure nuclei (no reference density).
+
+    Args:
+        labels: int ``(h, w)`` instances of the tile, 0 background, at ``config.mpp``.
+        darkness: float ``(h, w)`` nuclear-stain optical density above the background.
+        sure: bool ``(n + 1,)``: the instances whose densities make the tile's reference (index 0 ignored).
+        config: Synthesis parameters (µm/px and the lymphocyte prior).
+    """
+    from pysynth.shape import shape_features
+
+    n = int(labels.max()) if labels.size else 0
+    codes = np.full(n + 1, UNKNOWN, np.uint8)
+    if n == 0:
+        return codes
+    ids = labels.ravel().astype(np.int64)
+    area_px = np.bincount(ids, minlength=n + 1).astype(np.float64)
+    mean_dark = np.bincount(ids, weights=darkness.ravel().astype(np.float64), minlength=n + 1) / np.maximum(area_px, 1)
+    reference = mean_dark[1:][np.asarray(sure[1:], bool) & (area_px[1:] > 0)]
+    if reference.size < 5:
+        return codes
+    dark = float(np.quantile(reference, config.lymphocyte_dark_quantile))
+    m, s = (float(v) for v in config.lymphocyte_diameter)
+    diameter = 2.0 * np.sqrt(area_px / np.pi) * config.mpp
+    circularity = shape_features(labels.astype(np.int32, copy=False), config.mpp).circularity
+    present = area_px > 0
+    other = present & (diameter > min(m + 3 * s, 1.4 * m))
+    lymphocyte = present & (diameter >= 0.5 * m) & (diameter <= m + 2 * s) & (circularity >= ROUND)
+    lymphocyte &= mean_dark >= dark
+    codes[other] = OTHER
+    codes[lymphocyte] = LYMPHOCYTE
+    codes[0] = UNKNOWN
+    return codes

@@ -22,7 +22,7 @@ import numpy as np
 
 from pysynth.synth.config import SynthConfig
 from pysynth.synth.guide import NucleusBank
-from pysynth.synth.lymphocytes import LYMPHOCYTE, UNKNOWN, add_lymphocytes, lymphocyte_count, lymphocyte_darkness
+from pysynth.synth.lymphocytes import LYMPHOCYTE, add_lymphocytes, lymphocyte_count, lymphocyte_darkness
 from pysynth.synth.source import SourceTile
 
 _BANK_SIDE = 1024
@@ -241,8 +241,10 @@ def synthesize_patch(source: SourceTile, rng: np.random.Generator, config: Synth
     classes = np.zeros(n, np.uint8)
     classes[others:] = LYMPHOCYTE
     if transplants:
-        image, labels16, centres = transplant_nuclei(rng, image, labels16, centres, tissue, source.bank, transplants)
-        classes = np.concatenate([classes, np.full(len(centres) - n, UNKNOWN, np.uint8)])
+        image, labels16, centres, used = transplant_nuclei(
+            rng, image, labels16, centres, tissue, source.bank, transplants
+        )
+        classes = np.concatenate([classes, np.array([source.bank.class_of(k) for k in used], np.uint8)])
     return SynthPatch(image, labels16, centres, (rx, ry), (px, py), classes)
 
 
@@ -305,7 +307,7 @@ def transplant_nuclei(
     tissue: np.ndarray,
     bank: NucleusBank,
     count: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     """Paste up to ``count`` real nuclei of the bank into a painted patch, as labelled instances after the others.
 
     Each nucleus is turned by a random symmetry of the square and placed where its centre is in tissue and it
@@ -314,7 +316,8 @@ def transplant_nuclei(
     comes along without a seam; its label is the guide's mask.
 
     Returns:
-        ``(image, labels, centres)`` with the new nuclei appended (labels n+1.., centres as ``(x, y)``).
+        ``(image, labels, centres, used)`` with the new nuclei appended (labels n+1.., centres as ``(x, y)``);
+        ``used``: the bank index of each pasted nucleus, in label order.
     """
     from pysynth.synth.source import optical_density
 
@@ -322,12 +325,14 @@ def transplant_nuclei(
     od = optical_density(image).copy()
     labels = labels.copy()
     occupied = cv2.dilate(np.not_equal(labels, 0).view(np.uint8), _FEATHER)
-    added = []
+    added: list[tuple[float, float]] = []
+    used: list[int] = []
     next_id = int(labels.max()) + 1 if labels.size else 1
     for _ in range(4 * count):
         if len(added) == count or next_id > np.iinfo(labels.dtype).max:
             break
-        delta, mask = bank.get(int(rng.integers(len(bank))))
+        pick = int(rng.integers(len(bank)))
+        delta, mask = bank.get(pick)
         turns, mirror = int(rng.integers(4)), bool(rng.random() < 0.5)
         delta, mask = np.rot90(delta, turns), np.rot90(mask, turns)
         if mirror:
@@ -346,11 +351,12 @@ def transplant_nuclei(
         labels[y : y + h, x : x + w][mask] = next_id
         occupied[y : y + h, x : x + w] |= cv2.dilate(mask.view(np.uint8), _FEATHER)
         added.append((x + cx, y + cy))
+        used.append(pick)
         next_id += 1
     if not added:
-        return image, labels, centres
+        return image, labels, centres, used
     out = np.clip(256.0 * np.exp(-od) - 1.0 + 0.5, 0, 255).astype(np.uint8)
-    return out, labels, np.concatenate([centres, np.array(added, np.float32).reshape(-1, 2)])
+    return out, labels, np.concatenate([centres, np.array(added, np.float32).reshape(-1, 2)]), used
 
 
 @cache

@@ -200,7 +200,13 @@ def prepare_source(
     if guide is not None and config.transplant_fraction > 0:
         from pysynth.synth.guide import nucleus_bank
 
-        bank = nucleus_bank(od, od_bg, guide, confident=config.guide_confident)
+        codes = None
+        if config.transplant_classes:
+            from pysynth.synth.lymphocytes import real_nucleus_classes
+
+            sure_ids = guide.confidence >= config.guide_confident
+            codes = real_nucleus_classes(guide.labels, along, sure_ids, config)
+        bank = nucleus_bank(od, od_bg, guide, confident=config.guide_confident, classes=codes)
     return SourceTile(
         name=name,
         rgb=rgb,

@@ -126,9 +126,10 @@ def test_transplanted_nuclei_carry_their_own_density_and_mask(rng: np.random.Gen
     cv2.circle(labels, (64, 64), 10, 1, -1)
     centres = np.array([[64.5, 64.5]], np.float32)
     tissue = np.ones((128, 128), bool)
-    out, new_labels, new_centres = transplant_nuclei(rng, image, labels, centres, tissue, bank, 6)
+    out, new_labels, new_centres, used = transplant_nuclei(rng, image, labels, centres, tissue, bank, 6)
     ids = np.unique(new_labels)
     assert len(ids) - 2 == len(new_centres) - 1 >= 4  # the old nucleus and at least 4 new ones
+    assert used == [0] * (len(new_centres) - 1)  # the bank's one nucleus, once per paste
     assert np.array_equal(new_labels == 1, labels == 1)
     od_before, od_after = optical_density(image), optical_density(out)
     for k in ids[2:]:
