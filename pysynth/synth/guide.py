@@ -154,7 +154,8 @@ def nucleus_bank(
         boxes.append((y1 - y0, x1 - x0, offset))
         deltas.append(delta.astype(np.float16).ravel())
         masks.append(mask.ravel())
-        codes.append(0 if classes is None else int(classes[label]))
+        if classes is not None:
+            codes.append(int(classes[label]))
         offset += mask.size
     if not boxes:
         return empty

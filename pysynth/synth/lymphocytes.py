@@ -190,7 +190,7 @@ def real_nucleus_classes(labels: np.ndarray, darkness: np.ndarray, sure: np.ndar
       (never more than the ``1.4 m`` the synthesis clips at) is no lymphocyte: :data:`OTHER`;
     - a profile between ``m / 2`` and ``m + 2s`` wide (the equivalent diameter ``2√(A/π)``), round (circularity
       at least :data:`ROUND`) and dark (mean density at least the ``lymphocyte_dark_quantile`` of the tile's sure
-      nuclei, the densities synthetic lymphocytes are painted with) is a :data:`LYMPHOCYTE`;
+      nuclei, the quantile synthetic lymphocytes are painted above) is a :data:`LYMPHOCYTE`;
     - everything else (small but pale or irregular, in-between sizes, too small to tell) is :data:`UNKNOWN`, and
       so is every nucleus of a tile with fewer than 5 sure nuclei (no reference density).
 

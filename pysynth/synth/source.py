@@ -204,7 +204,6 @@ def prepare_source(
         if config.transplant_classes:
             from pysynth.synth.lymphocytes import real_nucleus_classes
 
-            sure_ids = guide.confidence >= config.guide_confident
             codes = real_nucleus_classes(guide.labels, along, sure_ids, config)
         bank = nucleus_bank(od, od_bg, guide, confident=config.guide_confident, classes=codes)
     return SourceTile(
