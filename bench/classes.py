@@ -3,7 +3,7 @@
 Usage::
 
     python -m pysynth.bench.classes IMAGES DOTS --input-mpp 0.5 [--model default] [--split FILE] [--radius-um 3]
-        [--tta 1] [--device auto] [--json OUT]
+        [--tta 1] [--device auto] [--json OUT] [--pictures DIR]
 
 ``IMAGES`` holds the tiles (``<stem>.png``/``.tif``/``.jpg``), ``DOTS`` their dot files ``<stem>_gt_class_coords.txt``
 (``y x class`` rows: 1 lymphocyte, 2 tumour/epithelial, 3 stromal; BRCA-M2C's layout, ``images/`` and ``labels/``).
@@ -465,10 +465,12 @@ def measure(
     tta: int = 1,
     segmenter: Callable[..., Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    pictures: Path | None = None,
 ) -> dict[str, Any]:
     """Segment, match and score every image; the whole result as a JSON-ready document.
 
-    Images and dot files are all read and checked before the first image is segmented.
+    Images and dot files are all read and checked before the first image is segmented. With ``pictures``, each
+    image's :func:`class_picture` is written there as ``<stem>_classes.png``.
 
     Raises:
         PysynthError: If an image or dot file cannot be used.
@@ -490,6 +492,8 @@ def measure(
         )
         detections.append(detection)
         parts.append(matched)
+        if pictures is not None:
+            write_class_picture(pictures / f"{stem}_classes.png", rgb, found, yx, classes, threshold)
         truth = matched.truth
         per_image[stem] = _clean(
             {
@@ -520,6 +524,66 @@ def measure(
             "nuclei": matched.to_columns(),
         }
     )
+
+
+#: Dot colours of :func:`class_picture` by dot class (the dataset's own: lymphocyte blue, tumour red, stromal
+#: yellow).
+DOT_COLOURS = {1: (0, 0, 255), 2: (255, 0, 0), 3: (255, 220, 0)}
+
+
+def class_picture(
+    rgb: np.ndarray,
+    labels: np.ndarray,
+    called: np.ndarray | None,
+    dots_yx: np.ndarray,
+    classes: np.ndarray,
+    radius_px: int = 3,
+) -> np.ndarray:
+    """The image with the model's calls and the annotated classes, to look at where they disagree.
+
+    Nucleus outlines as :func:`pysynth.segment.overlay` draws them (the model's lymphocytes in their own colour,
+    every outline green without a class output); each annotated dot a filled disc in its class's
+    :data:`DOT_COLOURS` with a black rim.
+
+    Args:
+        rgb: ``(h, w, 3)`` uint8 image.
+        labels: ``(h, w)`` predicted instance labels.
+        called: bool indexed by label (entry 0 background): the model calls it a lymphocyte; or None.
+        dots_yx: ``(m, 2)`` dots ``(y, x)`` in px.
+        classes: ``(m,)`` their classes.
+        radius_px: Disc radius of a dot, px.
+    """
+    import cv2
+
+    from pysynth.segment import overlay
+
+    out = np.ascontiguousarray(overlay(rgb, labels, lymphocyte=called))
+    for (y, x), c in zip(np.round(np.asarray(dots_yx)).astype(int), np.asarray(classes, int), strict=True):
+        colour = DOT_COLOURS.get(int(c), (255, 255, 255))
+        cv2.circle(out, (int(x), int(y)), radius_px + 1, (0, 0, 0), -1)
+        cv2.circle(out, (int(x), int(y)), radius_px, colour, -1)
+    return out
+
+
+def write_class_picture(
+    path: Path, rgb: np.ndarray, found: Any, dots_yx: np.ndarray, classes: np.ndarray, threshold: float
+) -> None:
+    """:func:`class_picture` of one segmented image (its calls at ``threshold``), written atomically as PNG."""
+    import cv2
+
+    from pysynth.fsutil import atomic_write_bytes
+
+    probability = getattr(found, "lymphocyte", None)
+    called = None if probability is None else np.asarray(probability, np.float64) >= threshold
+    picture = class_picture(rgb, found.labels, called, dots_yx, classes)
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise PysynthError(f"{path}: cannot encode the picture")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, encoded.tobytes())
+    except OSError as exc:
+        raise PysynthError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
 
 def markdown(document: dict[str, Any]) -> str:
@@ -574,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", type=int, default=1, choices=(1, 2, 4, 8))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT")
+    parser.add_argument(
+        "--pictures", type=Path, default=None, metavar="DIR", help="write each image's calls and dots there"
+    )
     args = parser.parse_args(argv)
     try:
         for name, value in (("--input-mpp", args.input_mpp), ("--radius-um", args.radius_um)):
@@ -588,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             args.input_mpp,
             args.radius_um,
             tta=args.tta,
+            pictures=args.pictures,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
     except PysynthError as exc:

@@ -286,3 +286,41 @@ def test_real_brca_images_with_the_shipped_model(tmp_path, shared_data, capsys):
     assert doc["scores"]["rule"]["auroc"] > 0.7  # the rule is a real baseline on real nuclei
     assert 0.5 < doc["scores"]["area"]["auroc"] <= 1
     assert "| rule |" in capsys.readouterr().out
+
+
+def test_pictures_show_the_calls_and_the_dots(tmp_path, fake_model):
+    from pysynth.qupath import CLASS_COLOURS, LYMPHOCYTE, NUCLEUS
+
+    images, dots, rgb, labels = _tile(tmp_path)
+    fake_model["labels"][rgb.shape] = labels
+    pictures = tmp_path / "pictures"
+    assert classes.main([str(images), str(dots), "--input-mpp", "0.5", "--pictures", str(pictures)]) == 0
+    picture = cv2.cvtColor(cv2.imread(str(pictures / "tile_classes.png")), cv2.COLOR_BGR2RGB)
+    assert picture.shape == rgb.shape
+    yx = centroids(labels)
+    # the dots, each in its class's colour: three lymphocytes, a tumour and a stromal nucleus, the missed cell
+    for (y, x), c in zip(yx[:5], (1, 1, 1, 2, 3), strict=True):
+        assert tuple(picture[round(y), round(x)]) == classes.DOT_COLOURS[c]
+    assert tuple(picture[90, 120]) == classes.DOT_COLOURS[3]
+    # outlines: label 6 (probability 0.6 ≥ 0.5) in the lymphocyte colour, label 5 (0.1) in the nucleus colour
+    from pysynth.synth.store import outline_mask
+
+    edge = outline_mask(labels)
+    # (the small discs' outlines lie under their dots)
+    for label, kind in ((6, LYMPHOCYTE), (5, NUCLEUS), (4, NUCLEUS)):
+        pixels = picture[edge & (labels == label)]
+        # outline pixels away from the dots keep the call's colour
+        assert (pixels == CLASS_COLOURS[kind]).all(axis=1).mean() > 0.5
+
+
+def test_pictures_into_a_file_exit_1_with_one_line(tmp_path, fake_model, capsys):
+    images, dots, rgb, labels = _tile(tmp_path)
+    fake_model["labels"][rgb.shape] = labels
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc = classes.main([str(images), str(dots), "--input-mpp", "0.5", "--pictures", str(blocker)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1
+    assert err[0].startswith("error:")
+    assert "cannot write" in err[0]
