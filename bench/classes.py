@@ -537,7 +537,7 @@ def class_picture(
     called: np.ndarray | None,
     dots_yx: np.ndarray,
     classes: np.ndarray,
-    radius_px: int = 3,
+    radius_px: int = 1,
 ) -> np.ndarray:
     """The image with the model's calls and the annotated classes, to look at where they disagree.
 
@@ -551,7 +551,7 @@ def class_picture(
         called: bool indexed by label (entry 0 background): the model calls it a lymphocyte; or None.
         dots_yx: ``(m, 2)`` dots ``(y, x)`` in px.
         classes: ``(m,)`` their classes.
-        radius_px: Disc radius of a dot, px.
+        radius_px: Disc radius of a dot, px (small, to leave a lymphocyte's outline visible).
     """
     import cv2
 

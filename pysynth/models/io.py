@@ -66,7 +66,9 @@ def default_model_dir() -> Path:
 
 #: Models shipped inside the package, selected by name (``--model NAME``): their folders beside this file.
 #: ``native20x`` works at 0.5 µm/px (20x slides without upsampling, 40x slides downsampled), without a class output.
-SHIPPED = ("default", "plain", "native20x")
+#: ``lymphocytes`` is ``default`` fine-tuned with transplanted real nuclei classed label-free
+#: (``SynthConfig.transplant_classes``): better lymphocyte calls, slightly lower AJI (its MODEL_CARD.md).
+SHIPPED = ("default", "plain", "native20x", "lymphocytes")
 
 
 def resolve_model_dir(spec: str | Path | None = None) -> Path:

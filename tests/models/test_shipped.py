@@ -26,6 +26,12 @@ def test_shipped_models_resolve_by_name_and_load(tmp_path: Path, monkeypatch: py
     # the default was trained on synthesis guided by `plain`, as its recorded configuration says
     meta = json.loads((default_model_dir() / "model.json").read_text())
     assert meta["train"]["synth"]["guide"] == "plain"
+    # `lymphocytes` has the class output, learnt with transplanted real nuclei classed label-free
+    _, info = load_model(resolve_model_dir("lymphocytes"))
+    assert info.has_classes
+    lymph = json.loads((resolve_model_dir("lymphocytes") / "model.json").read_text())
+    assert lymph["train"]["synth"]["transplant_classes"] is True
+    assert meta["train"]["synth"].get("transplant_classes", False) is False
     # a folder of the user's wins over a shipped name; an unknown name is just a path
     (tmp_path / "plain").mkdir()
     assert resolve_model_dir("plain") == Path("plain")
@@ -44,3 +50,4 @@ def test_segment_takes_a_shipped_model_by_name(run_cli, tmp_path: Path, tissue_r
         outs[name] = (tmp_path / name / "tile_labels.png").read_bytes()
     assert outs["default"] != outs["plain"]
     assert outs["native20x"] != outs["default"]
+    assert outs["lymphocytes"] != outs["default"]
