@@ -55,6 +55,11 @@ def test_wheel_holds_the_whole_package(tmp_path: Path) -> None:
         "pysynth/cli/train.py",
     ):
         assert required in names, required
+    from pysynth.models.io import SHIPPED
+
+    for name in SHIPPED:  # every model selectable by name ships with its files
+        for file in ("model.pt", "model.json", "MODEL_CARD.md"):
+            assert f"pysynth/models/{name}/{file}" in names, (name, file)
     assert any(n.startswith("pysynth/_core.") and n.endswith((".so", ".pyd")) for n in names)
     assert not any(n.startswith(("tests/", "cli/", "kernels/")) for n in names)
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
