@@ -647,6 +647,11 @@ def main(argv: list[str] | None = None) -> int:
             if not (math.isfinite(value) and value > 0):
                 raise PysynthError(f"{name} must be a positive number, got {value:g}")
         items = collect(args.images, args.dots, args.split)
+        if args.pictures is not None:  # refused before any image is segmented
+            try:
+                args.pictures.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PysynthError(f"{args.pictures}: cannot write pictures there ({exc.strerror or exc})") from exc
         model, info = load_segmenter(args.model, args.device)
         document = measure(
             items,

@@ -313,13 +313,17 @@ def test_pictures_show_the_calls_and_the_dots(tmp_path, fake_model):
         assert (pixels == CLASS_COLOURS[kind]).all(axis=1).mean() > 0.5
 
 
-def test_pictures_into_a_file_exit_1_with_one_line(tmp_path, fake_model, capsys):
+def test_pictures_into_a_file_exit_1_with_one_line(tmp_path, fake_model, capsys, monkeypatch):
     images, dots, rgb, labels = _tile(tmp_path)
     fake_model["labels"][rgb.shape] = labels
     blocker = tmp_path / "file"
     blocker.write_text("")
+    segmented = []
+    segment = classes.segment
+    monkeypatch.setattr(classes, "segment", lambda *a, **k: segmented.append(1) or segment(*a, **k))
     rc = classes.main([str(images), str(dots), "--input-mpp", "0.5", "--pictures", str(blocker)])
     err = capsys.readouterr().err.strip().splitlines()
+    assert not segmented  # refused before any work
     assert rc == 1
     assert len(err) == 1
     assert err[0].startswith("error:")
