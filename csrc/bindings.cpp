@@ -18,10 +18,12 @@
 #include "contours.hpp"
 #include "deconv.hpp"
 #include "inpaint.hpp"
+#include "labels.hpp"
 #include "nuclei.hpp"
 #include "paint.hpp"
 #include "place.hpp"
 #include "raster.hpp"
+#include "upsample.hpp"
 #include "watershed.hpp"
 
 namespace py = pybind11;
@@ -296,4 +298,75 @@ PYBIND11_MODULE(_core, m) {
       py::arg("labels").noconvert(), py::arg("n_labels"),
       "Outer boundary of each label as a polygon along pixel edges (see "
       "pysynth.instances.trace_contours).");
+
+  m.def(
+      "upsample2x_concat",
+      [](const Array<float>& low, const Array<float>& skip, Array<float>& out, int threads) {
+        if (low.ndim() != 3 || skip.ndim() != 3 || out.ndim() != 3 ||
+            skip.shape(0) != 2 * low.shape(0) || skip.shape(1) != 2 * low.shape(1) ||
+            out.shape(0) != skip.shape(0) || out.shape(1) != skip.shape(1) ||
+            out.shape(2) != low.shape(2) + skip.shape(2)) {
+          throw std::invalid_argument(
+              "upsample2x_concat: expected low (h, w, c1), skip (2h, 2w, c2), out (2h, 2w, c1 + c2)");
+        }
+        const int64_t h = low.shape(0), w = low.shape(1), c1 = low.shape(2), c2 = skip.shape(2);
+        const float* pl = low.data();
+        const float* ps = skip.data();
+        float* po = out.mutable_data();
+        py::gil_scoped_release release;
+        pysynth::upsample2x_concat(pl, h, w, c1, ps, c2, po, threads);
+      },
+      py::arg("low").noconvert(), py::arg("skip").noconvert(), py::arg("out").noconvert(),
+      py::arg("threads"),
+      "Bilinear 2x upsampling of low concatenated with skip, channels last (see "
+      "pysynth.models.unet.upsample_concat).");
+
+  m.def(
+      "label_moments",
+      [](const Array<int32_t>& labels, int64_t n) {
+        if (labels.ndim() != 2 || n < 0) {
+          throw std::invalid_argument("label_moments: expected (h, w) int32 labels and n >= 0");
+        }
+        const int64_t h = labels.shape(0), w = labels.shape(1);
+        Array<int64_t> count(n + 1), first(n + 1);
+        Array<double> sum_y(n + 1), sum_x(n + 1);
+        const int32_t* pl = labels.data();
+        int64_t* pc = count.mutable_data();
+        int64_t* pf = first.mutable_data();
+        double* py_ = sum_y.mutable_data();
+        double* px = sum_x.mutable_data();
+        {
+          py::gil_scoped_release release;
+          pysynth::label_moments(pl, h, w, n, pc, py_, px, pf);
+        }
+        return py::make_tuple(count, sum_y, sum_x, first);
+      },
+      py::arg("labels").noconvert(), py::arg("n"),
+      "Per label: pixel count, sums of rows and columns, first raster index (see "
+      "pysynth.instances.label_moments).");
+
+  m.def(
+      "label_reduce",
+      [](const Array<int32_t>& labels, const Array<float>& values, int64_t n) {
+        if (labels.ndim() != 2 || values.ndim() != 2 || labels.shape(0) != values.shape(0) ||
+            labels.shape(1) != values.shape(1) || n < 0) {
+          throw std::invalid_argument("label_reduce: expected labels and values of one (h, w) shape");
+        }
+        Array<int64_t> count(n + 1);
+        Array<double> sum(n + 1), max(n + 1);
+        const int32_t* pl = labels.data();
+        const float* pv = values.data();
+        int64_t* pc = count.mutable_data();
+        double* ps = sum.mutable_data();
+        double* pm = max.mutable_data();
+        const int64_t size = labels.size();
+        {
+          py::gil_scoped_release release;
+          pysynth::label_reduce(pl, pv, size, n, pc, ps, pm);
+        }
+        return py::make_tuple(count, sum, max);
+      },
+      py::arg("labels").noconvert(), py::arg("values").noconvert(), py::arg("n"),
+      "Per label: pixel count, sum and maximum of values over its pixels (see "
+      "pysynth.instances.label_reduce).");
 }

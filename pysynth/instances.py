@@ -154,12 +154,21 @@ def instance_confidence(
         raise ValueError(
             f"labels and maps must be 2-D of one shape, got {labels.shape}, {detection.shape}, {segmentation.shape}"
         )
-    flat = labels.ravel()
-    n = int(flat.max()) + 1 if flat.size else 1
-    where = np.flatnonzero(flat)
-    peak = np.zeros(n, np.float64)
-    np.maximum.at(peak, flat[where], detection.ravel()[where])
+    if _fast_labels(labels) and detection.dtype == np.float32:
+        n = int(labels.max()) if labels.size else 0
+        _, _, peak = _core.label_reduce(labels, np.ascontiguousarray(detection), n)
+    else:
+        flat = labels.ravel()
+        n = int(flat.max()) + 1 if flat.size else 1
+        where = np.flatnonzero(flat)
+        peak = np.zeros(n, np.float64)
+        np.maximum.at(peak, flat[where], detection.ravel()[where])
     return instance_means(labels, segmentation), peak
+
+
+def _fast_labels(labels: np.ndarray) -> bool:
+    """Whether the compiled core's label reductions take these labels as they are (C-contiguous int32)."""
+    return labels.dtype == np.int32 and labels.flags.c_contiguous and labels.size > 0
 
 
 def instance_means(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -170,12 +179,48 @@ def instance_means(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
     """
     if labels.shape != values.shape or labels.ndim != 2:
         raise ValueError(f"labels and values must be 2-D of one shape, got {labels.shape}, {values.shape}")
+    if _fast_labels(labels) and values.dtype == np.float32:
+        # One pass of the compiled core: the same sums (float64, raster order) as the NumPy lines below.
+        count, total, _ = _core.label_reduce(labels, np.ascontiguousarray(values), int(labels.max()))
+        return total / np.maximum(count, 1)
     flat = labels.ravel()
     n = int(flat.max()) + 1 if flat.size else 1
     where = np.flatnonzero(flat)
     ids = flat[where]
     count = np.bincount(ids, minlength=n)
     return np.bincount(ids, weights=values.ravel()[where], minlength=n) / np.maximum(count, 1)
+
+
+def label_moments(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per label ``0..labels.max()``: pixel count, sums of its pixels' rows and columns, first raster index.
+
+    Entry 0 (background) and absent labels hold count 0, sums 0 and first ``labels.size``. One pass of the
+    compiled core over C-contiguous int32 labels (:func:`label_moments_reference` is the NumPy equivalent).
+    """
+    labels = np.ascontiguousarray(labels, dtype=np.int32)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be non-negative")
+    return _core.label_moments(labels, int(labels.max()) if labels.size else 0)
+
+
+def label_moments_reference(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`label_moments` in NumPy (bincount over the labelled pixels)."""
+    n = int(labels.max()) + 1 if labels.size else 1
+    flat = labels.ravel()
+    where = np.flatnonzero(flat)
+    ids = flat[where]
+    rows, cols = np.divmod(where, labels.shape[1])
+    count = np.bincount(ids, minlength=n)
+    first = np.full(n, labels.size, np.int64)
+    present, at = np.unique(ids, return_index=True)
+    first[present] = where[at]
+    count[0], first[0] = 0, labels.size
+    sum_y = np.bincount(ids, weights=rows, minlength=n)
+    sum_x = np.bincount(ids, weights=cols, minlength=n)
+    sum_y[0] = sum_x[0] = 0.0
+    return count, sum_y, sum_x, first
 
 
 def keep_instances(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -296,54 +341,27 @@ def _instances(detection: np.ndarray, segmentation: np.ndarray, config: Instance
 
 
 def _clean(labels: np.ndarray, min_size: int, connectivity: int = 4) -> np.ndarray:
-    """Fill holes, merge enclosed instances (:func:`fill_enclosed`), keep largest parts, drop small ones, renumber.
+    """Fill holes and merge enclosed instances (:func:`fill_enclosed`), keep largest parts, drop small ones, renumber.
 
     Instances below ``min_size`` px are dropped; each keeps its largest 4-connected part (only an 8-connected
-    watershed can split one).
+    watershed can split one). A hole (background that only one instance surrounds) lies inside that instance's
+    bounding box without reaching its edge, so :func:`fill_enclosed` fills it with the rest of what the outline
+    encloses.
     """
-    out = labels.copy()
-    background = (out == 0).astype(np.uint8)
-    n_bg, bg_parts = cv2.connectedComponents(background, connectivity=4, ltype=cv2.CV_32S)
-    if n_bg > 1:
-        # Each background part that does not reach the image edge and whose 8-neighbours all belong to one instance
-        # is a hole in it. Pairs (part, label) of 8-adjacent pixels tell which instances surround each part.
-        border = np.unique(np.concatenate([bg_parts[0], bg_parts[-1], bg_parts[:, 0], bg_parts[:, -1]]))
-        h, w = out.shape
-        parts, owners = [], []
-        for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-            a = bg_parts[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
-            b = out[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
-            a2 = bg_parts[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
-            b2 = out[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
-            for part, owner in ((a, b), (a2, b2)):
-                m = (part > 0) & (owner > 0)
-                parts.append(part[m])
-                owners.append(owner[m])
-        base = np.int64(out.max()) + 1
-        code = np.unique(np.concatenate(parts).astype(np.int64) * base + np.concatenate(owners))
-        pairs = np.stack([code // base, code % base])
-        count = np.bincount(pairs[0], minlength=n_bg)
-        fill = np.zeros(n_bg, np.int32)
-        single = pairs[:, count[pairs[0]] == 1]
-        fill[single[0]] = single[1]
-        fill[0] = 0
-        fill[border] = 0
-        out = np.where(fill[bg_parts] > 0, fill[bg_parts], out)
-    out = fill_enclosed(out)
+    out = fill_enclosed(labels)
     # One 4-connected part each, so outlines agree with pixel counts. A 4-connected watershed grows each label from
     # a 4-connected seed through 4-neighbours, and a filled hole is 4-adjacent to its instance, so only an
     # 8-connected watershed can leave an instance in parts.
     if connectivity == 8:
         out = largest_parts(out)
-    sizes = np.bincount(out.ravel())
-    keep = sizes >= min_size
+    out = np.ascontiguousarray(out, dtype=np.int32)
+    sizes, _, _, first = label_moments(out)
+    keep = sizes >= max(min_size, 1)
     keep[0] = False
-    out[~keep[out]] = 0
-    flat = out.ravel()
-    where = np.flatnonzero(flat)
-    present, first = np.unique(flat[where], return_index=True)  # first: position in raster order
-    new = np.zeros(int(present.max()) + 1 if present.size else 1, np.int32)
-    new[present[np.argsort(first)]] = np.arange(1, present.size + 1, dtype=np.int32)
+    # Renumbered 1..m in raster order of their first pixel (dropping others does not move a kept one's first).
+    present = np.flatnonzero(keep)
+    new = np.zeros(sizes.size, np.int32)
+    new[present[np.argsort(first[present], kind="stable")]] = np.arange(1, present.size + 1, dtype=np.int32)
     return new[out]
 
 

@@ -414,3 +414,70 @@ def test_fill_enclosed_matches_the_reference_on_random_labels() -> None:
             hh, ww = rng.integers(2, 16, size=2)
             labels[y : y + hh, x : x + ww] = k  # later rectangles overwrite: nesting, rings and cuts
         np.testing.assert_array_equal(fill_enclosed(labels), _fill_enclosed_reference(labels))
+
+
+def _clean_reference(labels: np.ndarray, min_size: int, connectivity: int) -> np.ndarray:
+    """The post-processing as first written: holes (background parts whose 8-neighbours are all one instance)
+    filled from a pass over the whole image, then fill_enclosed, largest parts, sizes and raster renumbering."""
+    from pysynth.instances import fill_enclosed, largest_parts
+
+    out = labels.copy()
+    n_bg, bg_parts = cv2.connectedComponents((out == 0).astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    if n_bg > 1:
+        border = np.unique(np.concatenate([bg_parts[0], bg_parts[-1], bg_parts[:, 0], bg_parts[:, -1]]))
+        owners: dict[int, set[int]] = {}
+        h, w = out.shape
+        for y, x in zip(*np.nonzero(bg_parts), strict=True):
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    if 0 <= y + dy < h and 0 <= x + dx < w and out[y + dy, x + dx] > 0:
+                        owners.setdefault(int(bg_parts[y, x]), set()).add(int(out[y + dy, x + dx]))
+        for part, around in owners.items():
+            if len(around) == 1 and part not in border:
+                out[bg_parts == part] = next(iter(around))
+    out = fill_enclosed(out)
+    if connectivity == 8:
+        out = largest_parts(out)
+    sizes = np.bincount(out.ravel())
+    out[~(sizes >= min_size)[out]] = 0
+    flat = out.ravel()
+    present, first = np.unique(flat[flat > 0], return_index=True)
+    new = np.zeros(int(out.max()) + 1, np.int32)
+    new[present[np.argsort(first)]] = np.arange(1, present.size + 1)
+    return new[out]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    conn=st.sampled_from([4, 8]),
+    min_size=st.integers(0, 30),
+    thresholds=st.tuples(st.floats(0.3, 0.8), st.floats(0.3, 0.7)),
+)
+def test_post_processing_equals_its_first_version(seed: int, conn: int, min_size: int, thresholds) -> None:
+    """Hole filling is left to fill_enclosed: the instances are those of the whole-image hole pass before it."""
+    from pysynth.instances import _clean, watershed
+
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(30, 120, 2)
+    det = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), rng.uniform(1.5, 4))
+    seg = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), rng.uniform(1, 3))
+    det, seg = (det - det.min()) / np.ptp(det), (seg - seg.min()) / np.ptp(seg)
+    foreground = seg > thresholds[1]
+    _, seeds = cv2.connectedComponents(
+        ((det > thresholds[0]) & foreground).astype(np.uint8), connectivity=conn, ltype=cv2.CV_32S
+    )
+    labels = watershed(-seg, seeds, foreground, connectivity=conn)
+    np.testing.assert_array_equal(_clean(labels, min_size, conn), _clean_reference(labels, min_size, conn))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 30), shape=st.tuples(st.integers(1, 40), st.integers(1, 40)))
+def test_label_moments_match_numpy(seed: int, n: int, shape: tuple[int, int]) -> None:
+    from pysynth.instances import label_moments, label_moments_reference
+
+    labels = np.random.default_rng(seed).integers(0, n + 1, shape).astype(np.int32)
+    for ours, ref in zip(label_moments(labels), label_moments_reference(labels), strict=True):
+        np.testing.assert_array_equal(ours, ref)
+    with pytest.raises(ValueError, match="non-negative"):
+        label_moments(np.full_like(labels, -1))

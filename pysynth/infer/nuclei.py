@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from pysynth.instances import InstanceConfig, find_instances, trace_contours
+from pysynth.instances import InstanceConfig, find_instances, label_moments, trace_contours
 from pysynth.qupath import valid_ring
 from pysynth.shape import shape_features
 
@@ -52,13 +52,11 @@ def region_nuclei(
     n = found.count
     if n == 0:
         return []
-    # Statistics over nucleus pixels only (a fraction of the window).
-    where = np.flatnonzero(labels)
-    ids = labels.ravel()[where]
-    rows, cols = np.divmod(where, labels.shape[1])
-    counts = np.bincount(ids, minlength=n + 1).astype(np.float64)
-    cy = np.bincount(ids, weights=rows, minlength=n + 1) / np.maximum(counts, 1) + 0.5
-    cx = np.bincount(ids, weights=cols, minlength=n + 1) / np.maximum(counts, 1) + 0.5
+    # Pixel counts and centroids in one pass over the labels (the compiled core).
+    counts, sum_y, sum_x, _ = label_moments(labels)
+    counts = counts.astype(np.float64)
+    cy = sum_y / np.maximum(counts, 1) + 0.5
+    cx = sum_x / np.maximum(counts, 1) + 0.5
     stains = stain_stats(labels, original, n)
     # Centroids in slide model pixels; a nucleus is this region's when its centroid lies in the core.
     gx, gy = cx + origin[0], cy + origin[1]

@@ -68,9 +68,7 @@ class OpenSlideReader:
             rgba = np.asarray(self._slide.read_region((round(x * downsample), round(y * downsample)), level, (w, h)))
         except (openslide.OpenSlideError, OSError) as exc:
             raise SlideError(self.name, f"corrupt or truncated slide data ({_first_line(exc)})") from None
-        rgb = rgba[..., :3].astype(np.uint16)
-        alpha = rgba[..., 3:].astype(np.uint16)
-        return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+        return flatten_rgba(rgba)
 
     def close(self) -> None:
         """Close the OpenSlide handle."""
@@ -84,6 +82,21 @@ class OpenSlideReader:
 
     def __repr__(self) -> str:
         return f"OpenSlideReader({self.name!r}, vendor={self.vendor}, levels={self.level_shapes_hw}, mpp={self.mpp})"
+
+
+def flatten_rgba(rgba: np.ndarray) -> np.ndarray:
+    """RGB of an RGBA array on white: ``round(rgb · a / 255 + 255 · (1 - a / 255))`` in integers.
+
+    Inside tissue OpenSlide's pixels are opaque, where the formula is the identity: such reads (the common case)
+    only drop the alpha channel, which is 2-3x faster than blending every pixel.
+    """
+    import cv2
+
+    if rgba.size and int(rgba[..., 3].min()) == 255:
+        return cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2RGB)
+    rgb = rgba[..., :3].astype(np.uint16)
+    alpha = rgba[..., 3:].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 def _first_line(exc: BaseException) -> str:

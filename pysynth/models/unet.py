@@ -77,6 +77,9 @@ class UNet(nn.Module):
         self.down.extend(_block(widths[i - 1], widths[i]) for i in range(1, c.depth + 1))
         self.up = nn.ModuleList(_block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(c.depth)))
         self.head = nn.Conv2d(widths[0], 2 + c.classes, 1)
+        #: Join the decoder's levels through :func:`upsample_concat` (set on inference copies by
+        #: :func:`fold_batchnorm`; the same values up to float rounding).
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for detection and segmentation (see the class' Shape)."""
@@ -88,24 +91,68 @@ class UNet(nn.Module):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
         x = skips.pop()
+        join = upsample_concat if self.fused else upsample_concat_reference
         for block in self.up:
-            skip = skips.pop()
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = block(torch.cat([x, skip], dim=1))
+            x = block(join(x, skips.pop()))
         return self.head(x)
+
+
+def upsample_concat_reference(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """The decoder's join: ``x`` upsampled bilinearly to ``skip``'s size, then ``skip``'s channels after it."""
+    x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.cat([x, skip], dim=1)
+
+
+def upsample_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """:func:`upsample_concat_reference` in one pass of the compiled core where it can be (else that function).
+
+    The fast path takes float32 CPU tensors in channels-last layout, ``skip`` exactly twice ``x``'s size, one
+    image, and no autograd (inference): it writes the upsampled and the skip channels straight into one
+    channels-last tensor, where the reference materialises the upsampled map and copies both into the
+    concatenation (on a 2,304² window these two passes were a third of the network's time). Values equal the
+    reference's up to float rounding (the same 0.25 / 0.75 weights, summed in another order).
+    """
+    n, c1, h, w = x.shape
+    c2 = skip.shape[1]
+    if (
+        n != 1
+        or skip.shape[0] != 1
+        or tuple(skip.shape[-2:]) != (2 * h, 2 * w)
+        or x.dtype != torch.float32
+        or skip.dtype != torch.float32
+        or x.device.type != "cpu"
+        or skip.device.type != "cpu"
+        or (torch.is_grad_enabled() and (x.requires_grad or skip.requires_grad))
+        or not x.is_contiguous(memory_format=torch.channels_last)
+        or not skip.is_contiguous(memory_format=torch.channels_last)
+        or torch.compiler.is_compiling()
+    ):
+        return upsample_concat_reference(x, skip)
+    from pysynth import _core
+
+    out = torch.empty((1, c1 + c2, 2 * h, 2 * w), dtype=torch.float32, memory_format=torch.channels_last)
+    _core.upsample2x_concat(
+        x[0].permute(1, 2, 0).numpy(),
+        skip[0].permute(1, 2, 0).numpy(),
+        out[0].permute(1, 2, 0).numpy(),
+        torch.get_num_threads(),
+    )
+    return out
 
 
 def fold_batchnorm(model: UNet) -> UNet:
     """A copy of a U-Net for inference with every BatchNorm folded into the convolution before it.
 
     In eval mode a BatchNorm is an affine map per channel, so it folds exactly into the preceding convolution's
-    weights and bias; the copy computes the same function with one pass over each activation fewer.
+    weights and bias; the copy computes the same function with one pass over each activation fewer. The copy's
+    decoder also joins its levels through :func:`upsample_concat` (the same values up to float rounding).
     """
     import copy
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     fused = copy.deepcopy(model).eval()
+    fused.fused = True  # the decoder's joins in one pass of the compiled core (:func:`upsample_concat`)
     for block in [*fused.down, *fused.up]:
         layers = list(block)
         for i, layer in enumerate(layers):

@@ -226,3 +226,27 @@ def test_array_reader_validates() -> None:
         ArrayReader([np.zeros((4, 4, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)], mpp=0.25)
     with pytest.raises(ValueError, match="shape_hw"):
         read_region(ArrayReader(np.zeros((4, 4, 3), np.uint8), mpp=0.25), 0, 0, (0, 4), 0.25)
+
+
+def test_flatten_rgba_blends_on_white_and_passes_opaque_pixels_through() -> None:
+    from pysynth.io.openslide_reader import flatten_rgba
+
+    def blended(rgba: np.ndarray) -> np.ndarray:  # the formula pixel by pixel
+        out = np.empty((*rgba.shape[:2], 3), np.uint8)
+        for (i, j), _ in np.ndenumerate(rgba[..., 0]):
+            a = int(rgba[i, j, 3])
+            out[i, j] = [(int(v) * a + 255 * (255 - a) + 127) // 255 for v in rgba[i, j, :3]]
+        return out
+
+    rng = np.random.default_rng(0)
+    opaque = rng.integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    opaque[..., 3] = 255
+    flat = flatten_rgba(opaque)
+    assert flat.dtype == np.uint8
+    assert flat.shape == (5, 7, 3)
+    assert flat.flags.c_contiguous
+    np.testing.assert_array_equal(flat, opaque[..., :3])
+    mixed = opaque.copy()
+    mixed[1, 2, 3], mixed[4, 6, 3], mixed[0, 0, 3] = 0, 128, 254
+    np.testing.assert_array_equal(flatten_rgba(mixed), blended(mixed))
+    assert (flatten_rgba(mixed)[1, 2] == 255).all()  # transparent is white

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,66 @@ def test_folded_batchnorm_computes_the_same() -> None:
     x = torch.randn(1, 3, 48, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def _channels_last(*shape: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(("h", "w", "c1", "c2"), [(1, 1, 1, 1), (2, 3, 3, 5), (7, 4, 16, 8), (5, 9, 32, 16)])
+def test_upsample_concat_matches_interpolate_and_cat(h: int, w: int, c1: int, c2: int) -> None:
+    from pysynth.models.unet import upsample_concat, upsample_concat_reference
+
+    low, skip = _channels_last(1, c1, h, w, seed=1), _channels_last(1, c2, 2 * h, 2 * w, seed=2)
+    with torch.inference_mode():
+        ours, ref = upsample_concat(low, skip), upsample_concat_reference(low, skip)
+    assert ours.shape == (1, c1 + c2, 2 * h, 2 * w)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(ours[:, c1:], skip)
+
+
+def test_upsample_concat_kernel_threads_agree_and_shapes_are_checked() -> None:
+    from pysynth import _core
+
+    low = np.random.default_rng(0).random((13, 6, 4), dtype=np.float32)
+    skip = np.random.default_rng(1).random((26, 12, 3), dtype=np.float32)
+    one, many = np.zeros((26, 12, 7), np.float32), np.zeros((26, 12, 7), np.float32)
+    _core.upsample2x_concat(low, skip, one, 1)
+    _core.upsample2x_concat(low, skip, many, 5)
+    np.testing.assert_array_equal(one, many)
+    with pytest.raises(ValueError, match="upsample2x_concat"):
+        _core.upsample2x_concat(low, skip[:-1], np.zeros((25, 12, 7), np.float32), 1)
+
+
+def test_upsample_concat_falls_back_where_the_kernel_does_not_apply() -> None:
+    from pysynth.models.unet import upsample_concat, upsample_concat_reference
+
+    low, skip = torch.randn(1, 4, 3, 5), torch.randn(1, 2, 6, 10)  # NCHW
+    assert torch.equal(upsample_concat(low, skip), upsample_concat_reference(low, skip))
+    odd = torch.randn(1, 2, 7, 10).contiguous(memory_format=torch.channels_last)  # not twice the size
+    cl = low.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(upsample_concat(cl, odd), upsample_concat_reference(cl, odd))
+    grad = cl.clone().requires_grad_(True)  # training: autograd must see the join
+    upsample_concat(grad, skip.contiguous(memory_format=torch.channels_last)).sum().backward()
+    assert grad.grad is not None
+    assert torch.all(grad.grad > 0)
+
+
+def test_folded_channels_last_network_joins_in_the_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pysynth import _core
+    from pysynth.models import unet as unet_module
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(width=4, depth=3, max_width=16)).eval()
+    fused = unet_module.fold_batchnorm(model).to(memory_format=torch.channels_last)
+    assert fused.fused
+    assert not model.fused
+    calls = []
+    kernel = _core.upsample2x_concat
+    monkeypatch.setattr(_core, "upsample2x_concat", lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
+    x = _channels_last(1, 3, 64, 48, seed=3)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-4)
+    assert len(calls) == 3  # every level of the decoder
