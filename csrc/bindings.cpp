@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
+#include <type_traits>
 
 #include "build_info.hpp"
 #include "composite.hpp"
@@ -51,6 +52,27 @@ pysynth::Plane plane(const py::array_t<float>& a, int64_t h, int64_t w) {
     throw std::invalid_argument("plane: expected a float32 (h, w) view with adjacent columns");
   }
   return {a.data(), static_cast<int64_t>(a.strides(0) / sizeof(float))};
+}
+
+// The decoder join on float32 or bfloat16 (uint16) buffers: low (h, w, c1), skip and out (2h, 2w, .).
+template <typename T>
+void upsample_concat(const Array<T>& low, const Array<T>& skip, Array<T>& out, int threads) {
+  if (low.ndim() != 3 || skip.ndim() != 3 || out.ndim() != 3 || skip.shape(0) != 2 * low.shape(0) ||
+      skip.shape(1) != 2 * low.shape(1) || out.shape(0) != skip.shape(0) ||
+      out.shape(1) != skip.shape(1) || out.shape(2) != low.shape(2) + skip.shape(2)) {
+    throw std::invalid_argument(
+        "upsample2x_concat: expected low (h, w, c1), skip (2h, 2w, c2), out (2h, 2w, c1 + c2)");
+  }
+  const int64_t h = low.shape(0), w = low.shape(1), c1 = low.shape(2), c2 = skip.shape(2);
+  const T* pl = low.data();
+  const T* ps = skip.data();
+  T* po = out.mutable_data();
+  py::gil_scoped_release release;
+  if constexpr (std::is_same_v<T, float>) {
+    pysynth::upsample2x_concat(pl, h, w, c1, ps, c2, po, threads);
+  } else {
+    pysynth::upsample2x_concat_bf16(pl, h, w, c1, ps, c2, po, threads);
+  }
 }
 
 }  // namespace
@@ -299,27 +321,13 @@ PYBIND11_MODULE(_core, m) {
       "Outer boundary of each label as a polygon along pixel edges (see "
       "pysynth.instances.trace_contours).");
 
-  m.def(
-      "upsample2x_concat",
-      [](const Array<float>& low, const Array<float>& skip, Array<float>& out, int threads) {
-        if (low.ndim() != 3 || skip.ndim() != 3 || out.ndim() != 3 ||
-            skip.shape(0) != 2 * low.shape(0) || skip.shape(1) != 2 * low.shape(1) ||
-            out.shape(0) != skip.shape(0) || out.shape(1) != skip.shape(1) ||
-            out.shape(2) != low.shape(2) + skip.shape(2)) {
-          throw std::invalid_argument(
-              "upsample2x_concat: expected low (h, w, c1), skip (2h, 2w, c2), out (2h, 2w, c1 + c2)");
-        }
-        const int64_t h = low.shape(0), w = low.shape(1), c1 = low.shape(2), c2 = skip.shape(2);
-        const float* pl = low.data();
-        const float* ps = skip.data();
-        float* po = out.mutable_data();
-        py::gil_scoped_release release;
-        pysynth::upsample2x_concat(pl, h, w, c1, ps, c2, po, threads);
-      },
-      py::arg("low").noconvert(), py::arg("skip").noconvert(), py::arg("out").noconvert(),
-      py::arg("threads"),
-      "Bilinear 2x upsampling of low concatenated with skip, channels last (see "
-      "pysynth.models.unet.upsample_concat).");
+  m.def("upsample2x_concat", &upsample_concat<float>, py::arg("low").noconvert(),
+        py::arg("skip").noconvert(), py::arg("out").noconvert(), py::arg("threads"),
+        "Bilinear 2x upsampling of low concatenated with skip, channels last, float32 (see "
+        "pysynth.models.unet.upsample_concat).");
+  m.def("upsample2x_concat_bf16", &upsample_concat<uint16_t>, py::arg("low").noconvert(),
+        py::arg("skip").noconvert(), py::arg("out").noconvert(), py::arg("threads"),
+        "The same on bfloat16 values held as uint16 (see pysynth.models.unet.upsample_concat).");
 
   m.def(
       "label_moments",

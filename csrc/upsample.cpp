@@ -1,6 +1,7 @@
 #include "upsample.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <functional>
 #include <thread>
 #include <vector>
@@ -12,7 +13,7 @@ namespace {
 // Source index pair and the weight of the second one for output index o of a 2x upsampling of n.
 inline void source(int64_t o, int64_t n, int64_t& i0, int64_t& i1, float& lambda) {
   // (o + 0.5) / 2 - 0.5 = o / 2 - 0.25, clamped at 0: o = 0 -> 0; odd o = 2k + 1 -> k + 0.25;
-  // even o = 2k > 0 -> k - 0.75 + 0.5 = (k - 1) + 0.75.
+  // even o = 2k > 0 -> k - 0.25 = (k - 1) + 0.75.
   if (o == 0) {
     i0 = 0;
     lambda = 0.0f;
@@ -39,20 +40,42 @@ struct Taps {
   }
 };
 
-// Row r of low upsampled horizontally: (2w, c1).
-void horizontal(const float* row, int64_t w, int64_t c1, const Taps& tx, float* __restrict out) {
+// Storage types: float32 as it is, bfloat16 as its upper 16 bits (rounded to nearest even on store,
+// as PyTorch rounds).
+inline float load(float v) { return v; }
+inline float load(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void store(float v, float& out) { out = v; }
+inline void store(float v, uint16_t& out) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+    out = static_cast<uint16_t>((bits >> 16) | 0x40u);
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  out = static_cast<uint16_t>(bits >> 16);
+}
+
+// Row r of low upsampled horizontally, in float: (2w, c1).
+template <typename T>
+void horizontal(const T* row, int64_t w, int64_t c1, const Taps& tx, float* __restrict out) {
   for (int64_t x = 0; x < 2 * w; ++x) {
     const float w0 = tx.w0[x], w1 = tx.w1[x];
-    const float* a = row + tx.i0[x] * c1;
-    const float* b = row + tx.i1[x] * c1;
+    const T* a = row + tx.i0[x] * c1;
+    const T* b = row + tx.i1[x] * c1;
     float* o = out + x * c1;
-    for (int64_t k = 0; k < c1; ++k) o[k] = w0 * a[k] + w1 * b[k];
+    for (int64_t k = 0; k < c1; ++k) o[k] = w0 * load(a[k]) + w1 * load(b[k]);
   }
 }
 
-void rows(const float* low, int64_t h, int64_t w, int64_t c1, const float* skip, int64_t c2,
-          float* out, int64_t y_begin, int64_t y_end, const Taps& ty, const Taps& tx) {
-  (void)h;
+template <typename T>
+void rows(const T* low, int64_t w, int64_t c1, const T* skip, int64_t c2, T* out, int64_t y_begin,
+          int64_t y_end, const Taps& ty, const Taps& tx) {
   const int64_t W = 2 * w, c = c1 + c2;
   // Two horizontally upsampled low rows, kept while consecutive output rows reuse them.
   std::vector<float> buffer(static_cast<size_t>(2 * W * c1));
@@ -72,39 +95,46 @@ void rows(const float* low, int64_t h, int64_t w, int64_t c1, const float* skip,
     const float hy0 = ty.w0[y], hy1 = ty.w1[y];
     const float* u0 = upsampled(ty.i0[y]);
     const float* u1 = upsampled(ty.i1[y]);
-    float* o = out + y * W * c;
-    const float* s = skip + y * W * c2;
+    T* o = out + y * W * c;
+    const T* s = skip + y * W * c2;
     for (int64_t x = 0; x < W; ++x) {
       const float* a = u0 + x * c1;
       const float* b = u1 + x * c1;
-      float* __restrict op = o + x * c;
-      for (int64_t k = 0; k < c1; ++k) op[k] = hy0 * a[k] + hy1 * b[k];
-      const float* sp = s + x * c2;
+      T* __restrict op = o + x * c;
+      for (int64_t k = 0; k < c1; ++k) store(hy0 * a[k] + hy1 * b[k], op[k]);
+      const T* sp = s + x * c2;
       for (int64_t k = 0; k < c2; ++k) op[c1 + k] = sp[k];
     }
   }
+}
+
+template <typename T>
+void run(const T* low, int64_t h, int64_t w, int64_t c1, const T* skip, int64_t c2, T* out,
+         int threads) {
+  const int64_t H = 2 * h;
+  const Taps ty(h), tx(w);
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, H));
+  const int64_t step = (H + n - 1) / n;
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(n - 1));
+  for (int64_t t = 1; t < n; ++t) {
+    const int64_t a = std::min(H, t * step), b = std::min(H, (t + 1) * step);
+    pool.emplace_back(rows<T>, low, w, c1, skip, c2, out, a, b, std::cref(ty), std::cref(tx));
+  }
+  rows<T>(low, w, c1, skip, c2, out, 0, std::min(H, step), ty, tx);
+  for (auto& th : pool) th.join();
 }
 
 }  // namespace
 
 void upsample2x_concat(const float* low, int64_t h, int64_t w, int64_t c1, const float* skip,
                        int64_t c2, float* out, int threads) {
-  const int64_t H = 2 * h;
-  const Taps ty(h), tx(w);
-  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, H));
-  if (n == 1) {
-    rows(low, h, w, c1, skip, c2, out, 0, H, ty, tx);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(n - 1));
-  const int64_t step = (H + n - 1) / n;
-  for (int64_t t = 1; t < n; ++t) {
-    const int64_t a = std::min(H, t * step), b = std::min(H, (t + 1) * step);
-    pool.emplace_back(rows, low, h, w, c1, skip, c2, out, a, b, std::cref(ty), std::cref(tx));
-  }
-  rows(low, h, w, c1, skip, c2, out, 0, std::min(H, step), ty, tx);
-  for (auto& th : pool) th.join();
+  run(low, h, w, c1, skip, c2, out, threads);
+}
+
+void upsample2x_concat_bf16(const uint16_t* low, int64_t h, int64_t w, int64_t c1,
+                            const uint16_t* skip, int64_t c2, uint16_t* out, int threads) {
+  run(low, h, w, c1, skip, c2, out, threads);
 }
 
 }  // namespace pysynth

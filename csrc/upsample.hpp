@@ -13,4 +13,9 @@ namespace pysynth {
 void upsample2x_concat(const float* low, int64_t h, int64_t w, int64_t c1, const float* skip,
                        int64_t c2, float* out, int threads);
 
+// The same on bfloat16 buffers (each value the upper 16 bits of a float32): computed in float32,
+// stored rounded to nearest even, as PyTorch's bfloat16 interpolation does.
+void upsample2x_concat_bf16(const uint16_t* low, int64_t h, int64_t w, int64_t c1,
+                            const uint16_t* skip, int64_t c2, uint16_t* out, int threads);
+
 }  // namespace pysynth

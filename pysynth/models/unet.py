@@ -106,11 +106,12 @@ def upsample_concat_reference(x: torch.Tensor, skip: torch.Tensor) -> torch.Tens
 def upsample_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """:func:`upsample_concat_reference` in one pass of the compiled core where it can be (else that function).
 
-    The fast path takes float32 CPU tensors in channels-last layout, ``skip`` exactly twice ``x``'s size, one
-    image, and no autograd (inference): it writes the upsampled and the skip channels straight into one
-    channels-last tensor, where the reference materialises the upsampled map and copies both into the
-    concatenation (on a 2,304² window these two passes were a third of the network's time). Values equal the
-    reference's up to float rounding (the same 0.25 / 0.75 weights, summed in another order).
+    The fast path takes float32 or bfloat16 (bf16 autocast) CPU tensors in channels-last layout, ``skip`` exactly
+    twice ``x``'s size, one image, and no autograd (inference): it writes the upsampled and the skip channels
+    straight into one channels-last tensor, where the reference materialises the upsampled map and copies both
+    into the concatenation (on a 2,304² window these two passes were a third of the network's time). Values equal
+    the reference's up to float rounding (the same 0.25 / 0.75 weights, summed in another order; bfloat16 computed
+    in float32 and rounded once, to nearest even).
     """
     n, c1, h, w = x.shape
     c2 = skip.shape[1]
@@ -118,8 +119,8 @@ def upsample_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         n != 1
         or skip.shape[0] != 1
         or tuple(skip.shape[-2:]) != (2 * h, 2 * w)
-        or x.dtype != torch.float32
-        or skip.dtype != torch.float32
+        or x.dtype not in (torch.float32, torch.bfloat16)
+        or skip.dtype != x.dtype
         or x.device.type != "cpu"
         or skip.device.type != "cpu"
         or (torch.is_grad_enabled() and (x.requires_grad or skip.requires_grad))
@@ -128,15 +129,18 @@ def upsample_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         or torch.compiler.is_compiling()
     ):
         return upsample_concat_reference(x, skip)
+    import numpy as np
+
     from pysynth import _core
 
-    out = torch.empty((1, c1 + c2, 2 * h, 2 * w), dtype=torch.float32, memory_format=torch.channels_last)
-    _core.upsample2x_concat(
-        x[0].permute(1, 2, 0).numpy(),
-        skip[0].permute(1, 2, 0).numpy(),
-        out[0].permute(1, 2, 0).numpy(),
-        torch.get_num_threads(),
-    )
+    out = torch.empty((1, c1 + c2, 2 * h, 2 * w), dtype=x.dtype, memory_format=torch.channels_last)
+
+    def hwc(t: torch.Tensor) -> np.ndarray:  # the tensor's own memory as (h, w, c)
+        t = t[0].permute(1, 2, 0)
+        return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
+
+    kernel = _core.upsample2x_concat if x.dtype == torch.float32 else _core.upsample2x_concat_bf16
+    kernel(hwc(x), hwc(skip), hwc(out), torch.get_num_threads())
     return out
 
 

@@ -83,17 +83,40 @@ def _channels_last(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("h", "w", "c1", "c2"), [(1, 1, 1, 1), (2, 3, 3, 5), (7, 4, 16, 8), (5, 9, 32, 16)])
-def test_upsample_concat_matches_interpolate_and_cat(h: int, w: int, c1: int, c2: int) -> None:
+def test_upsample_concat_matches_interpolate_and_cat(h: int, w: int, c1: int, c2: int, dtype: torch.dtype) -> None:
     from pysynth.models.unet import upsample_concat, upsample_concat_reference
 
-    low, skip = _channels_last(1, c1, h, w, seed=1), _channels_last(1, c2, 2 * h, 2 * w, seed=2)
+    low = _channels_last(1, c1, h, w, seed=1).to(dtype)
+    skip = _channels_last(1, c2, 2 * h, 2 * w, seed=2).to(dtype)
     with torch.inference_mode():
         ours, ref = upsample_concat(low, skip), upsample_concat_reference(low, skip)
     assert ours.shape == (1, c1 + c2, 2 * h, 2 * w)
+    assert ours.dtype == dtype
     assert ours.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    else:  # both round a float32 result once: at most one bfloat16 step apart
+        step = torch.finfo(torch.bfloat16).eps * ref[:, :c1].float().abs().clamp_min(1e-3)
+        assert torch.all((ours[:, :c1].float() - ref[:, :c1].float()).abs() <= step)
+        assert (ours[:, :c1] == ref[:, :c1]).float().mean() > 0.9
     assert torch.equal(ours[:, c1:], skip)
+
+
+def test_bf16_rounding_is_to_nearest_even() -> None:
+    from pysynth.models.unet import upsample_concat, upsample_concat_reference
+
+    # Between 1 and 1 + 2^-6 the upsampled row is 1, 1 + 2^-8, 1 + 3 * 2^-8, 1 + 2^-6 in float32. The middle two
+    # lie halfway between bfloat16 neighbours (steps of 2^-7): to nearest even they become 1 and 1 + 2^-6.
+    low = torch.tensor([1.0, 1.0 + 2**-6], dtype=torch.bfloat16).view(1, 1, 1, 2)
+    low = low.contiguous(memory_format=torch.channels_last)
+    skip = torch.zeros(1, 1, 2, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        row = upsample_concat(low, skip)[0, 0, 0].float().tolist()
+        ref = upsample_concat_reference(low, skip)[0, 0, 0].float().tolist()
+    assert row == [1.0, 1.0, 1.0 + 2**-6, 1.0 + 2**-6]
+    assert row == ref
 
 
 def test_upsample_concat_kernel_threads_agree_and_shapes_are_checked() -> None:
@@ -139,3 +162,14 @@ def test_folded_channels_last_network_joins_in_the_core(monkeypatch: pytest.Monk
     with torch.inference_mode():
         torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-4)
     assert len(calls) == 3  # every level of the decoder
+    if not torch.backends.mkldnn.is_available():
+        return
+    bf16 = []
+    kernel16 = _core.upsample2x_concat_bf16
+    monkeypatch.setattr(_core, "upsample2x_concat_bf16", lambda *a: (bf16.append(a[0].shape), kernel16(*a))[1])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fused(x).float()
+        fused.fused = False
+        ref = fused(x).float()
+    assert len(bf16) == 3
+    torch.testing.assert_close(ours, ref, atol=0.05, rtol=0.05)  # bf16 steps through the decoder
