@@ -114,9 +114,45 @@ def run(quick: bool = False) -> list[tuple[Timing, Timing]]:
         cases += _placement_and_paint_cases(size, xy, offsets, polys, tissue, rng)
         for name, ours, library in cases:
             pairs.append((measure(name, ours, **opts), measure(name + " [library]", library, **opts)))
-    for name, ours, library in _network_cases():
+    for name, ours, library in _network_cases() + _label_cases():
         pairs.append((measure(name, ours, **opts), measure(name + " [library]", library, **opts)))
     return pairs
+
+
+def _label_cases() -> list:
+    """Per-nucleus reductions over a 576 x 576 instance map from smooth random maps, as post-processing runs them."""
+    from pysynth.instances import (
+        instance_confidence,
+        label_moments,
+        label_moments_reference,
+        watershed,
+    )
+
+    rng = np.random.default_rng(576)
+    seg = cv2.GaussianBlur(rng.random((576, 576)).astype(np.float32), (0, 0), 3)
+    seg = (seg - seg.min()) / np.ptp(seg)
+    det = cv2.GaussianBlur(rng.random((576, 576)).astype(np.float32), (0, 0), 2)
+    det = (det - det.min()) / np.ptp(det)
+    _, seeds = cv2.connectedComponents(((det > 0.6) & (seg > 0.5)).astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    labels = watershed(-seg, seeds, seg > 0.5, connectivity=4)
+    n = int(labels.max())
+
+    def numpy_confidence() -> tuple:
+        flat = labels.ravel()
+        where = np.flatnonzero(flat)
+        ids = flat[where]
+        count = np.bincount(ids, minlength=n + 1)
+        mean = np.bincount(ids, weights=seg.ravel()[where], minlength=n + 1) / np.maximum(count, 1)
+        peak = np.zeros(n + 1)
+        np.maximum.at(peak, ids, det.ravel()[where])
+        return mean, peak
+
+    return [
+        (f"label_moments 576x576 ({n} nuclei) vs np.bincount + np.unique", lambda: label_moments(labels),
+         lambda: label_moments_reference(labels)),
+        (f"label_reduce mean + peak 576x576 ({n} nuclei) vs np.bincount + np.maximum.at",
+         lambda: instance_confidence(labels, det, seg), numpy_confidence),
+    ]  # fmt: skip
 
 
 def _network_cases() -> list:
