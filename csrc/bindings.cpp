@@ -75,6 +75,25 @@ void upsample_concat(const Array<T>& low, const Array<T>& skip, Array<T>& out, i
   }
 }
 
+// The encoder's 2x2 max pooling: in (H, W, c) with H, W even, out (H/2, W/2, c).
+template <typename T>
+void max_pool(const Array<T>& in, Array<T>& out, int threads) {
+  if (in.ndim() != 3 || out.ndim() != 3 || in.shape(0) % 2 || in.shape(1) % 2 ||
+      out.shape(0) * 2 != in.shape(0) || out.shape(1) * 2 != in.shape(1) ||
+      out.shape(2) != in.shape(2)) {
+    throw std::invalid_argument("max_pool2x2: expected in (H, W, c) with H, W even and out (H/2, W/2, c)");
+  }
+  const int64_t H = in.shape(0), W = in.shape(1), c = in.shape(2);
+  const T* pi = in.data();
+  T* po = out.mutable_data();
+  py::gil_scoped_release release;
+  if constexpr (std::is_same_v<T, float>) {
+    pysynth::max_pool2x2(pi, H, W, c, po, threads);
+  } else {
+    pysynth::max_pool2x2_bf16(pi, H, W, c, po, threads);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -328,6 +347,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("upsample2x_concat_bf16", &upsample_concat<uint16_t>, py::arg("low").noconvert(),
         py::arg("skip").noconvert(), py::arg("out").noconvert(), py::arg("threads"),
         "The same on bfloat16 values held as uint16 (see pysynth.models.unet.upsample_concat).");
+  m.def("max_pool2x2", &max_pool<float>, py::arg("input").noconvert(), py::arg("out").noconvert(),
+        py::arg("threads"),
+        "2x2 max pooling without indices, channels last, float32 (see pysynth.models.unet.max_pool).");
+  m.def("max_pool2x2_bf16", &max_pool<uint16_t>, py::arg("input").noconvert(),
+        py::arg("out").noconvert(), py::arg("threads"),
+        "The same on bfloat16 values held as uint16 (see pysynth.models.unet.max_pool).");
 
   m.def(
       "label_moments",

@@ -108,21 +108,47 @@ void rows(const T* low, int64_t w, int64_t c1, const T* skip, int64_t c2, T* out
   }
 }
 
-template <typename T>
-void run(const T* low, int64_t h, int64_t w, int64_t c1, const T* skip, int64_t c2, T* out,
-         int threads) {
-  const int64_t H = 2 * h;
-  const Taps ty(h), tx(w);
+// Rows [0, H) shared among up to `threads` threads: body(y_begin, y_end).
+template <typename Body>
+void parallel_rows(int64_t H, int threads, const Body& body) {
   const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, H));
   const int64_t step = (H + n - 1) / n;
   std::vector<std::thread> pool;
   pool.reserve(static_cast<size_t>(n - 1));
   for (int64_t t = 1; t < n; ++t) {
     const int64_t a = std::min(H, t * step), b = std::min(H, (t + 1) * step);
-    pool.emplace_back(rows<T>, low, w, c1, skip, c2, out, a, b, std::cref(ty), std::cref(tx));
+    pool.emplace_back([&body, a, b] { body(a, b); });
   }
-  rows<T>(low, w, c1, skip, c2, out, 0, std::min(H, step), ty, tx);
+  body(0, std::min(H, step));
   for (auto& th : pool) th.join();
+}
+
+template <typename T>
+void run(const T* low, int64_t h, int64_t w, int64_t c1, const T* skip, int64_t c2, T* out,
+         int threads) {
+  const Taps ty(h), tx(w);
+  parallel_rows(2 * h, threads,
+                [&](int64_t a, int64_t b) { rows<T>(low, w, c1, skip, c2, out, a, b, ty, tx); });
+}
+
+template <typename T>
+void pool_rows(const T* in, int64_t W, int64_t c, T* out, int64_t y_begin, int64_t y_end) {
+  const int64_t w = W / 2;
+  for (int64_t y = y_begin; y < y_end; ++y) {
+    const T* r0 = in + (2 * y) * W * c;
+    const T* r1 = r0 + W * c;
+    T* o = out + y * w * c;
+    for (int64_t x = 0; x < w; ++x) {
+      const T* a = r0 + 2 * x * c;
+      const T* b = r1 + 2 * x * c;
+      T* op = o + x * c;
+      for (int64_t k = 0; k < c; ++k) {
+        const float m =
+            std::max(std::max(load(a[k]), load(a[c + k])), std::max(load(b[k]), load(b[c + k])));
+        store(m, op[k]);  // exact: a stored value
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -135,6 +161,15 @@ void upsample2x_concat(const float* low, int64_t h, int64_t w, int64_t c1, const
 void upsample2x_concat_bf16(const uint16_t* low, int64_t h, int64_t w, int64_t c1,
                             const uint16_t* skip, int64_t c2, uint16_t* out, int threads) {
   run(low, h, w, c1, skip, c2, out, threads);
+}
+
+void max_pool2x2(const float* in, int64_t H, int64_t W, int64_t c, float* out, int threads) {
+  parallel_rows(H / 2, threads, [&](int64_t a, int64_t b) { pool_rows(in, W, c, out, a, b); });
+}
+
+void max_pool2x2_bf16(const uint16_t* in, int64_t H, int64_t W, int64_t c, uint16_t* out,
+                      int threads) {
+  parallel_rows(H / 2, threads, [&](int64_t a, int64_t b) { pool_rows(in, W, c, out, a, b); });
 }
 
 }  // namespace pysynth

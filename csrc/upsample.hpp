@@ -1,5 +1,5 @@
-// The U-Net decoder's "upsample the coarser level 2x, then concatenate the skip" in one pass over
-// channels-last (h, w, c) float32 buffers.
+// The U-Net decoder's "upsample the coarser level 2x, then concatenate the skip" and the encoder's
+// 2x2 max pooling, each in one pass over channels-last (h, w, c) buffers.
 #pragma once
 
 #include <cstdint>
@@ -17,5 +17,11 @@ void upsample2x_concat(const float* low, int64_t h, int64_t w, int64_t c1, const
 // stored rounded to nearest even, as PyTorch's bfloat16 interpolation does.
 void upsample2x_concat_bf16(const uint16_t* low, int64_t h, int64_t w, int64_t c1,
                             const uint16_t* skip, int64_t c2, uint16_t* out, int threads);
+
+// out (H/2, W/2, c) = max over each 2x2 block of in (H, W, c), H and W even, with no indices.
+// Exact (a maximum of stored values); NaNs are not propagated as PyTorch's pooling does.
+void max_pool2x2(const float* in, int64_t H, int64_t W, int64_t c, float* out, int threads);
+void max_pool2x2_bf16(const uint16_t* in, int64_t H, int64_t W, int64_t c, uint16_t* out,
+                      int threads);
 
 }  // namespace pysynth

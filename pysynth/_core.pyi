@@ -105,3 +105,23 @@ def watershed(
 def trace_contours(
     labels: npt.NDArray[np.int32], n_labels: int
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]: ...
+def upsample2x_concat(
+    low: npt.NDArray[np.float32],
+    skip: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+    threads: int,
+) -> None: ...
+def upsample2x_concat_bf16(
+    low: npt.NDArray[np.uint16],
+    skip: npt.NDArray[np.uint16],
+    out: npt.NDArray[np.uint16],
+    threads: int,
+) -> None: ...
+def max_pool2x2(input: npt.NDArray[np.float32], out: npt.NDArray[np.float32], threads: int) -> None: ...
+def max_pool2x2_bf16(input: npt.NDArray[np.uint16], out: npt.NDArray[np.uint16], threads: int) -> None: ...
+def label_moments(
+    labels: npt.NDArray[np.int32], n: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.int64]]: ...
+def label_reduce(
+    labels: npt.NDArray[np.int32], values: npt.NDArray[np.float32], n: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

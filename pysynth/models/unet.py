@@ -77,8 +77,8 @@ class UNet(nn.Module):
         self.down.extend(_block(widths[i - 1], widths[i]) for i in range(1, c.depth + 1))
         self.up = nn.ModuleList(_block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(c.depth)))
         self.head = nn.Conv2d(widths[0], 2 + c.classes, 1)
-        #: Join the decoder's levels through :func:`upsample_concat` (set on inference copies by
-        #: :func:`fold_batchnorm`; the same values up to float rounding).
+        #: Pool and join through the compiled core (:func:`max_pool`, :func:`upsample_concat`; set on
+        #: inference copies by :func:`fold_batchnorm`; the same values up to float rounding).
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,12 +86,13 @@ class UNet(nn.Module):
         multiple = 2**self.config.depth
         if x.shape[-1] % multiple or x.shape[-2] % multiple:
             raise ValueError(f"input height and width must be divisible by {multiple}, got {tuple(x.shape[-2:])}")
+        pool = max_pool if self.fused else _max_pool_reference
+        join = upsample_concat if self.fused else upsample_concat_reference
         skips = []
         for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            x = block(x if i == 0 else pool(x))
             skips.append(x)
         x = skips.pop()
-        join = upsample_concat if self.fused else upsample_concat_reference
         for block in self.up:
             x = block(join(x, skips.pop()))
         return self.head(x)
@@ -101,6 +102,52 @@ def upsample_concat_reference(x: torch.Tensor, skip: torch.Tensor) -> torch.Tens
     """The decoder's join: ``x`` upsampled bilinearly to ``skip``'s size, then ``skip``'s channels after it."""
     x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
     return torch.cat([x, skip], dim=1)
+
+
+def _kernel_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled core's channels-last kernels take these tensors (inference on a CPU, one image)."""
+    first = tensors[0]
+    return (
+        first.dtype in (torch.float32, torch.bfloat16)
+        and not torch.compiler.is_compiling()
+        and all(
+            t.shape[0] == 1
+            and t.dtype == first.dtype
+            and t.device.type == "cpu"
+            and not (torch.is_grad_enabled() and t.requires_grad)
+            and t.is_contiguous(memory_format=torch.channels_last)
+            for t in tensors
+        )
+    )
+
+
+def _hwc(t: torch.Tensor):
+    """The memory of a one-image channels-last tensor as a NumPy ``(h, w, c)`` array (bfloat16 as uint16)."""
+    import numpy as np
+
+    t = t[0].permute(1, 2, 0)
+    return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
+
+
+def _max_pool_reference(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, 2)
+
+
+def max_pool(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)``, in one pass of the compiled core where it can be.
+
+    The fast path (the conditions of :func:`upsample_concat`, even height and width) writes no indices, where
+    PyTorch's CPU max pooling also writes an int64 index per output value. Exact: a maximum of stored values.
+    """
+    _, c, h, w = x.shape
+    if h % 2 or w % 2 or not _kernel_applies(x):
+        return F.max_pool2d(x, 2)
+    from pysynth import _core
+
+    out = torch.empty((1, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
+    kernel = _core.max_pool2x2 if x.dtype == torch.float32 else _core.max_pool2x2_bf16
+    kernel(_hwc(x), _hwc(out), torch.get_num_threads())
+    return out
 
 
 def upsample_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -113,34 +160,15 @@ def upsample_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     the reference's up to float rounding (the same 0.25 / 0.75 weights, summed in another order; bfloat16 computed
     in float32 and rounded once, to nearest even).
     """
-    n, c1, h, w = x.shape
+    _, c1, h, w = x.shape
     c2 = skip.shape[1]
-    if (
-        n != 1
-        or skip.shape[0] != 1
-        or tuple(skip.shape[-2:]) != (2 * h, 2 * w)
-        or x.dtype not in (torch.float32, torch.bfloat16)
-        or skip.dtype != x.dtype
-        or x.device.type != "cpu"
-        or skip.device.type != "cpu"
-        or (torch.is_grad_enabled() and (x.requires_grad or skip.requires_grad))
-        or not x.is_contiguous(memory_format=torch.channels_last)
-        or not skip.is_contiguous(memory_format=torch.channels_last)
-        or torch.compiler.is_compiling()
-    ):
+    if tuple(skip.shape[-2:]) != (2 * h, 2 * w) or not _kernel_applies(x, skip):
         return upsample_concat_reference(x, skip)
-    import numpy as np
-
     from pysynth import _core
 
     out = torch.empty((1, c1 + c2, 2 * h, 2 * w), dtype=x.dtype, memory_format=torch.channels_last)
-
-    def hwc(t: torch.Tensor) -> np.ndarray:  # the tensor's own memory as (h, w, c)
-        t = t[0].permute(1, 2, 0)
-        return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
-
     kernel = _core.upsample2x_concat if x.dtype == torch.float32 else _core.upsample2x_concat_bf16
-    kernel(hwc(x), hwc(skip), hwc(out), torch.get_num_threads())
+    kernel(_hwc(x), _hwc(skip), _hwc(out), torch.get_num_threads())
     return out
 
 
@@ -149,14 +177,15 @@ def fold_batchnorm(model: UNet) -> UNet:
 
     In eval mode a BatchNorm is an affine map per channel, so it folds exactly into the preceding convolution's
     weights and bias; the copy computes the same function with one pass over each activation fewer. The copy's
-    decoder also joins its levels through :func:`upsample_concat` (the same values up to float rounding).
+    encoder pools through :func:`max_pool` and its decoder joins through :func:`upsample_concat` (the same values
+    up to float rounding).
     """
     import copy
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     fused = copy.deepcopy(model).eval()
-    fused.fused = True  # the decoder's joins in one pass of the compiled core (:func:`upsample_concat`)
+    fused.fused = True  # pooling and joins in the compiled core (:func:`max_pool`, :func:`upsample_concat`)
     for block in [*fused.down, *fused.up]:
         layers = list(block)
         for i, layer in enumerate(layers):

@@ -104,6 +104,18 @@ def test_upsample_concat_matches_interpolate_and_cat(h: int, w: int, c1: int, c2
     assert torch.equal(ours[:, c1:], skip)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_pool_equals_pytorch(dtype: torch.dtype) -> None:
+    from pysynth.models.unet import max_pool
+
+    for c, h, w in [(1, 2, 2), (3, 6, 4), (16, 10, 14), (2, 5, 4)]:  # odd height: PyTorch's pooling (floor)
+        x = _channels_last(1, c, h, w, seed=c).to(dtype)
+        with torch.inference_mode():
+            ours = max_pool(x)
+        assert ours.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(ours, torch.nn.functional.max_pool2d(x, 2))  # exact
+
+
 def test_bf16_rounding_is_to_nearest_even() -> None:
     from pysynth.models.unet import upsample_concat, upsample_concat_reference
 
@@ -155,13 +167,17 @@ def test_folded_channels_last_network_joins_in_the_core(monkeypatch: pytest.Monk
     fused = unet_module.fold_batchnorm(model).to(memory_format=torch.channels_last)
     assert fused.fused
     assert not model.fused
-    calls = []
-    kernel = _core.upsample2x_concat
+    calls, pools = [], []
+    kernel, pool = _core.upsample2x_concat, _core.max_pool2x2
     monkeypatch.setattr(_core, "upsample2x_concat", lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
+    monkeypatch.setattr(_core, "max_pool2x2", lambda *a: (pools.append(a[0].shape), pool(*a))[1])
     x = _channels_last(1, 3, 64, 48, seed=3)
     with torch.inference_mode():
         torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-4)
-    assert len(calls) == 3  # every level of the decoder
+        batch = torch.cat([x, x.flip(-1)]).contiguous(memory_format=torch.channels_last)  # two images: PyTorch
+        torch.testing.assert_close(fused(batch), model(batch), atol=1e-5, rtol=1e-4)
+    assert len(calls) == 3  # every level of the decoder, once (the batch took PyTorch's path)
+    assert len(pools) == 3  # every level of the encoder below the first
     if not torch.backends.mkldnn.is_available():
         return
     bf16 = []
