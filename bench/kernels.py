@@ -159,9 +159,8 @@ def _label_cases() -> list:
 def _network_cases() -> list:
     import torch
 
-    from pysynth.models.unet import upsample_concat, upsample_concat_reference
-
     from pysynth.infer.network import keep_freed_memory
+    from pysynth.models.unet import upsample_concat, upsample_concat_reference
 
     torch.set_num_threads(1)
     # As infer and segment run the network: freed memory kept for reuse, so neither side pays fresh page faults
