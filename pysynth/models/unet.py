@@ -137,7 +137,8 @@ def max_pool(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)``, in one pass of the compiled core where it can be.
 
     The fast path (the conditions of :func:`upsample_concat`, even height and width) writes no indices, where
-    PyTorch's CPU max pooling also writes an int64 index per output value. Exact: a maximum of stored values.
+    PyTorch's CPU max pooling also writes an int64 index per output value. Exact (a maximum of stored values) where
+    there are no NaNs, which PyTorch propagates and this kernel does not.
     """
     _, c, h, w = x.shape
     if h % 2 or w % 2 or not _kernel_applies(x):
