@@ -115,8 +115,14 @@ def run(quick: bool = False) -> list[tuple[Timing, Timing]]:
         cases += _placement_and_paint_cases(size, xy, offsets, polys, tissue, rng)
         for name, ours, library in cases:
             pairs.append((measure(name, ours, **opts), measure(name + " [library]", library, **opts)))
-    for name, ours, library in _network_cases() + _label_cases():
-        pairs.append((measure(name, ours, **opts), measure(name + " [library]", library, **opts)))
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        for name, ours, library in _network_cases() + _label_cases():
+            pairs.append((measure(name, ours, **opts), measure(name + " [library]", library, **opts)))
+    finally:
+        torch.set_num_threads(threads)  # the network cases run on one thread; the caller's setting comes back
     return pairs
 
 
