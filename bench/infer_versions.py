@@ -40,7 +40,7 @@ _OTHER_CHILD = (
 
 
 class VersionError(Exception):
-    """The other checkout cannot be run (one line for the user)."""
+    """The other checkout cannot be run, or its run failed (one line for the user)."""
 
 
 def check_checkout(other: Path) -> None:
@@ -74,7 +74,8 @@ def run_child(slide: Path, out: Path, other: Path | None) -> dict:
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, check=False)
     if proc.returncode != 0:
         who = "this checkout" if other is None else str(other)
-        raise RuntimeError(f"inference with {who} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        last = (proc.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise VersionError(f"inference with {who} failed (exit {proc.returncode}): {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -13,6 +13,9 @@ rates are comparable within the run (the host's absolute speed moves between run
 - ``compile``: eager against ``torch.compile`` on 2,304² and 1,024² passes, and the compilation time;
 - ``seams``: ``infer_slide`` on a 560×720 region in small regions (core, margin) against one region: nuclei
   counts and how many differ (IoU < 0.95), for pairs on and off the pooling grid (the CLI refuses the latter);
+- ``joins``: a 2,304² pass of the inference copy with its pooling and decoder joins in the compiled core
+  (:func:`pysynth.models.unet.upsample_concat`, ``max_pool``) against the same network with PyTorch's, alternated
+  12 times: medians, the paired ratio and the largest logit difference;
 - ``contention``: a 2,304² pass alone, then beside a busy helper thread (OpenCV blurs, as reading and
   post-processing are) at the normal priority and at the helpers' lowered one (:func:`pysynth.infer.run.
   yield_to_network`, what ``infer`` does).
@@ -55,7 +58,35 @@ def _iou_misses(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.sum(best_iou(a, b) < 0.95))
 
 
-SECTIONS = ("passes", "tiles", "compile", "seams", "contention")
+SECTIONS = ("passes", "tiles", "compile", "seams", "contention", "joins")
+
+
+def joins(model: Any, window: np.ndarray, rounds: int = 12) -> dict[str, float]:
+    """One 2,304² pass with the compiled core's pooling and joins (``model.fused``) against PyTorch's, alternated."""
+    import statistics
+
+    from pysynth.models.io import normalise
+
+    x = normalise(torch.from_numpy(window[None]).permute(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    outputs = {}
+    was = model.fused
+    try:
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for fused in (False, True):
+                    model.fused = fused
+                    t = time.perf_counter()
+                    outputs[fused] = model(x)
+                    seconds[fused].append(time.perf_counter() - t)
+    finally:
+        model.fused = was
+    return {
+        "pytorch_s": round(statistics.median(seconds[False]), 3),
+        "core_s": round(statistics.median(seconds[True]), 3),
+        "paired_ratio": round(statistics.median(a / b for a, b in zip(seconds[False], seconds[True], strict=True)), 3),
+        "max_logit_difference": float((outputs[True] - outputs[False]).abs().max()),
+    }
 
 
 def contention(model: Any, window: np.ndarray) -> dict[str, float]:
@@ -111,6 +142,8 @@ def run(threads: int = 2, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any
 
     if "contention" in sections:
         out["contention_mpx_per_s"] = contention(model, window)
+    if "joins" in sections:
+        out["joins"] = joins(model, window)
     passes = {}
     for side in (512, 1024, 1280, 2304) if "passes" in sections else ():
         x = np.ascontiguousarray(window[:side, :side])

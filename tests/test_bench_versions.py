@@ -65,5 +65,22 @@ def test_what_cannot_run_is_refused_in_one_line(tmp_path: Path, capsys: pytest.C
 def test_a_failing_child_says_who_failed(tmp_path: Path) -> None:
     other = _fake_checkout(tmp_path / "other")
     (other / "bench" / "infer.py").write_text("raise SystemExit('broken on purpose')\n")
-    with pytest.raises(RuntimeError, match="broken on purpose"):
+    with pytest.raises(infer_versions.VersionError, match=r"failed \(exit 1\): broken on purpose"):
         infer_versions.run_child(tmp_path / "s.tiff", tmp_path / "o", other)
+
+
+def test_joins_section_times_both_paths_and_restores_the_model() -> None:
+    import numpy as np
+    import torch
+
+    from pysynth.bench.network_layout import joins
+    from pysynth.models.unet import UNet, UNetConfig, fold_batchnorm
+
+    model = fold_batchnorm(UNet(UNetConfig(width=4, depth=2, max_width=8))).to(memory_format=torch.channels_last)
+    window = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    got = joins(model, window, rounds=2)
+    assert model.fused  # restored
+    assert got["pytorch_s"] > 0
+    assert got["core_s"] > 0
+    assert got["paired_ratio"] > 0
+    assert got["max_logit_difference"] < 1e-4

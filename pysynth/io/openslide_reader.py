@@ -88,7 +88,8 @@ def flatten_rgba(rgba: np.ndarray) -> np.ndarray:
     """RGB of an RGBA array on white: ``round(rgb · a / 255 + 255 · (1 - a / 255))`` in integers.
 
     Inside tissue OpenSlide's pixels are opaque, where the formula is the identity: such reads (the common case)
-    only drop the alpha channel, which is 2-3x faster than blending every pixel.
+    only drop the alpha channel (0.02 against 0.44 s for a 2,304² window in a one-off timing on the project's CPU
+    machine).
     """
     import cv2
 
