@@ -79,6 +79,28 @@ def run_child(slide: Path, out: Path, other: Path | None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def stage_seconds(out: Path) -> dict[str, float]:
+    """The seconds per stage that a version's ``summary.json`` in ``out`` records (empty if it has none).
+
+    Every version since whole-slide inference began writes them under ``timings``: ``prepare`` once per slide,
+    ``read``, ``normalise``, ``network``, ``post`` and ``write`` summed over regions (reading and post-processing
+    run in threads beside the network, so the sums exceed the wall time), and later versions add ``report``.
+    """
+    from pysynth.infer import SUMMARY
+
+    try:
+        timings = json.loads((out / SUMMARY).read_text()).get("timings", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: float(v) for k, v in timings.items() if isinstance(v, int | float)}
+
+
+def median_stages(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per stage, the median over the runs that recorded it."""
+    names = sorted({k for run in runs for k in run})
+    return {k: round(statistics.median(run[k] for run in runs if k in run), 2) for k in names}
+
+
 def compare(other: Path, rounds: int = 2, quick: bool = False) -> dict:
     """Both versions on one bench slide, ``rounds`` times each, and the classical pipeline once."""
     from pysynth.bench.make_slide import load_source, write_pyramidal_tiff
@@ -96,6 +118,7 @@ def compare(other: Path, rounds: int = 2, quick: bool = False) -> dict:
             block=plan.block,
         )  # fmt: skip
         seconds: dict[str, list[float]] = {"this": [], "other": []}
+        stages: dict[str, list[dict[str, float]]] = {"this": [], "other": []}
         record: dict[str, dict] = {}
         for r in range(rounds):
             order = ("other", "this") if r % 2 == 0 else ("this", "other")
@@ -103,6 +126,7 @@ def compare(other: Path, rounds: int = 2, quick: bool = False) -> dict:
                 out = work / f"{who}-{r}"
                 record[who] = run_child(slide, out, other if who == "other" else None)
                 seconds[who].append(float(record[who]["seconds"]))
+                stages[who].append(stage_seconds(out))
         agreement = nucleus_agreement(work / f"other-{rounds - 1}" / GEOJSON, work / f"this-{rounds - 1}" / GEOJSON)
         t0 = time.perf_counter()
         classical = classical_on_regions(slide, mpp, InferConfig())
@@ -124,6 +148,7 @@ def compare(other: Path, rounds: int = 2, quick: bool = False) -> dict:
         "other_vs_classical": round(rate["other"] / classical_rate, 3),
         "nuclei_against_other": agreement,
         "peak_mb": {who: rec["peak_mb"] for who, rec in record.items()},
+        "stage_seconds": {who: median_stages(runs) for who, runs in stages.items()},
     }
 
 

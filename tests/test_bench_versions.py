@@ -84,3 +84,21 @@ def test_joins_section_times_both_paths_and_restores_the_model() -> None:
     assert got["core_s"] > 0
     assert got["paired_ratio"] > 0
     assert got["max_logit_difference"] < 1e-4
+
+
+def test_stage_seconds_come_from_each_versions_summary(tmp_path: Path) -> None:
+    from pysynth.infer import SUMMARY
+
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    for folder in (a, b, c, d):
+        folder.mkdir()
+    (a / SUMMARY).write_text('{"timings": {"network": 10.0, "post": 4.0, "read": 3.0}}')
+    (b / SUMMARY).write_text('{"timings": {"network": 14.0, "post": 2.0, "report": 0.9, "note": "x"}}')
+    (c / SUMMARY).write_text("not json")
+    assert infer_versions.stage_seconds(a) == {"network": 10.0, "post": 4.0, "read": 3.0}
+    assert infer_versions.stage_seconds(b) == {"network": 14.0, "post": 2.0, "report": 0.9}
+    assert infer_versions.stage_seconds(c) == {}  # unreadable
+    assert infer_versions.stage_seconds(d) == {}  # no summary
+    runs = [infer_versions.stage_seconds(f) for f in (a, b)]
+    # Medians over the runs that recorded each stage: a stage only one version has keeps its one value.
+    assert infer_versions.median_stages(runs) == {"network": 12.0, "post": 3.0, "read": 3.0, "report": 0.9}
