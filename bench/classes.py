@@ -19,12 +19,14 @@ For each image:
 3. every matched nucleus gets its truth (lymphocyte: dot class 1, or not: 2 or 3) and its scores: the hand-made
    rule (:func:`rule_scores`: ``−z(area) + z(hematoxylin) + z(circularity)``, z-scores over the image's
    predicted nuclei), area alone (``−area``, a second baseline) and, when the model has a class output, its
-   per-nucleus lymphocyte probability (``Instances.lymphocyte``).
+   per-nucleus lymphocyte probability (``Instances.lymphocyte``) and ``model+rule`` (:func:`combined_scores`: the
+   model's log-odds against its threshold plus the rule; both label-free, neither weighted by the dots).
 
 All scores are compared on the same matched nuclei, pooled over the images: AUROC (:func:`auroc`), and precision,
 recall and F1 of "lymphocyte" at a threshold (:func:`thresholds`): the model at its own
 ``lymphocyte_threshold`` (0.5 when its description has none), the baselines at the threshold that puts the same
-share of nuclei above it (without a model class output: the rule at score > 0, area at the rule's share). Prints a
+share of nuclei above it (without a model class output: the rule at score > 0, area at the rule's share), and
+``model+rule`` at 0 (a nucleus at the model's threshold and average in the rule's three z-scores). Prints a
 Markdown table and the pooled detection; ``--json`` writes everything, per image and per nucleus too.
 """
 
@@ -49,7 +51,7 @@ from pysynth.metrics import auroc
 LYMPHOCYTE = 1
 
 #: The score rows of the table, in order.
-SCORES = ("rule", "area", "model")
+SCORES = ("rule", "area", "model", "model+rule")
 
 
 # --------------------------------------------------------------------------------------------------- measures
@@ -243,14 +245,19 @@ class MatchedNuclei:
     def __len__(self) -> int:
         return int(self.label.size)
 
-    def score(self, name: str) -> np.ndarray | None:
-        """The scores of row ``name`` of the table (:data:`SCORES`; ``area`` is ``−area_px``), None when absent."""
+    def score(self, name: str, model_threshold: float = 0.5) -> np.ndarray | None:
+        """The scores of row ``name`` of the table (:data:`SCORES`; ``area`` is ``−area_px``), None when absent.
+
+        ``model_threshold`` (the model's own) is where ``model+rule`` puts its zero; it does not change a ranking.
+        """
         if name == "rule":
             return self.rule
         if name == "area":
             return -self.area_px
         if name == "model":
             return self.model
+        if name == "model+rule":
+            return None if self.model is None else combined_scores(self.model, self.rule, model_threshold)
         raise KeyError(name)
 
     @staticmethod
@@ -336,6 +343,22 @@ def match_nuclei(
     return detection, matched
 
 
+def combined_scores(model: np.ndarray, rule: np.ndarray, model_threshold: float = 0.5) -> np.ndarray:
+    """The model's lymphocyte log-odds against its threshold plus the hand-made rule: "lymphocyte" where > 0.
+
+    Two label-free kinds of evidence that fail differently: the class output's probability is absolute (it
+    learnt what a lymphocyte looks like from synthetic ones, and z-scoring it per image loses that), the rule
+    (:func:`rule_scores`) is relative (small, dark and round among the image's own nuclei, whatever the stain and
+    scanner). They are added unweighted, log-odds in nats and the rule in standard deviations, so nothing is fitted
+    to labels; the zero is a nucleus at the model's threshold and average in all three of the rule's z-scores.
+    Probabilities are clipped to [1e-6, 1 − 1e-6] so that the log-odds stay finite.
+    """
+    eps = 1e-6
+    p = np.clip(np.asarray(model, np.float64), eps, 1 - eps)
+    t = min(max(float(model_threshold), eps), 1 - eps)
+    return np.log(p / (1 - p)) - math.log(t / (1 - t)) + np.asarray(rule, np.float64)
+
+
 def thresholds(matched: MatchedNuclei, model_threshold: float = 0.5) -> dict[str, float]:
     """The threshold of each score: "lymphocyte" where the score is above it (strictly; the model: ``>=``).
 
@@ -352,6 +375,8 @@ def thresholds(matched: MatchedNuclei, model_threshold: float = 0.5) -> dict[str
         out["rule"] = 0.0
         share = float(np.mean(matched.rule > 0)) if len(matched) else math.nan
     out["area"] = share_threshold(-matched.area_px, share)
+    if matched.model is not None:
+        out["model+rule"] = 0.0
     return out
 
 
@@ -366,7 +391,7 @@ def score_table(matched: MatchedNuclei, model_threshold: float = 0.5) -> dict[st
     cuts = thresholds(matched, model_threshold)
     table: dict[str, dict[str, Any] | None] = {}
     for name in SCORES:
-        s = matched.score(name)
+        s = matched.score(name, model_threshold)
         if s is None:
             table[name] = None
             continue

@@ -83,6 +83,43 @@ def test_classification_scores_and_share_threshold():
     assert (tied > classes.share_threshold(tied, 0.5)).sum() == 0  # ties straddling the cut all stay below
 
 
+def test_combined_scores_add_the_models_log_odds_to_the_rule():
+    model = np.array([0.5, 0.75, 0.25, 0.0, 1.0])
+    rule = np.array([0.0, 0.0, 1.0, 2.0, -3.0])
+    got = classes.combined_scores(model, rule)
+    assert got[:3] == pytest.approx([0.0, math.log(3.0), 1.0 - math.log(3.0)])
+    assert np.isfinite(got).all()  # p = 0 and 1 are clipped
+    assert got[3] == pytest.approx(2.0 + math.log(1e-6 / (1 - 1e-6)))
+    # The zero moves with the model's threshold: a nucleus at the threshold and average in the rule scores 0.
+    assert classes.combined_scores(np.array([0.3]), np.array([0.0]), 0.3)[0] == pytest.approx(0.0)
+
+
+def _matched(model, rule, truth) -> classes.MatchedNuclei:
+    n = len(rule)
+    return classes.MatchedNuclei(
+        image=np.full(n, "a", dtype=object), label=np.arange(1, n + 1), dot_class=np.where(truth, 1, 2),
+        rule=np.asarray(rule, float), area_px=np.full(n, 30.0), hematoxylin=np.full(n, 0.2),
+        circularity=np.full(n, 0.9), model=None if model is None else np.asarray(model, float),
+    )  # fmt: skip
+
+
+def test_model_plus_rule_row_ranks_what_each_alone_misranks():
+    # Two lymphocytes: one the model doubts but the rule is sure of, one the other way round.
+    truth = np.array([True, True, False, False, False])
+    model = [0.3, 0.95, 0.6, 0.1, 0.4]  # the first lymphocyte below a non-lymphocyte (0.6)
+    rule = [2.5, -0.5, -1.0, 0.0, 0.2]  # the second lymphocyte below a non-lymphocyte (0.0, 0.2)
+    table = classes.score_table(_matched(model, rule, truth))
+    assert table["model"]["auroc"] < 1.0
+    assert table["rule"]["auroc"] < 1.0
+    row = table["model+rule"]
+    assert row["auroc"] == 1.0
+    assert row["threshold"] == 0.0
+    expected = classes.combined_scores(np.array(model), np.array(rule)) > 0
+    assert row["share"] == pytest.approx(expected.mean())
+    assert row["f1"] == pytest.approx(classes.classification_scores(expected, truth).f1)
+    assert classes.score_table(_matched(None, rule, truth))["model+rule"] is None
+
+
 def _blank(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((h, w, 3), BACKGROUND, np.uint8), np.zeros((h, w), np.int32)
 
@@ -191,7 +228,7 @@ def test_end_to_end_with_a_model_class_output(tmp_path, fake_model, capsys):
     assert s["rule"]["share"] == pytest.approx(0.6)  # the model's share
     assert s["rule"]["f1"] == 1.0
     assert s["area"]["auroc"] == 1.0
-    assert doc["images"]["tile"]["auroc"] == {"rule": 1.0, "area": 1.0, "model": 1.0}
+    assert doc["images"]["tile"]["auroc"] == {"rule": 1.0, "area": 1.0, "model": 1.0, "model+rule": 1.0}
     assert doc["nuclei"]["label"] == [1, 2, 3, 4, 5]
     assert doc["nuclei"]["model"] == [0.9, 0.8, 0.7, 0.2, 0.1]
     assert "| model | 1.000 | 1.000 | 1.000 | 1.000 |" in printed
@@ -206,6 +243,7 @@ def test_end_to_end_without_a_model_class_output(tmp_path, fake_model, capsys):
     assert classes.main([str(images), str(dots), "--input-mpp", "0.5", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["scores"]["model"] is None
+    assert doc["scores"]["model+rule"] is None
     assert doc["model_has_lymphocyte"] is False
     assert doc["scores"]["rule"]["threshold"] == 0.0
     assert doc["scores"]["rule"]["auroc"] == 1.0
