@@ -165,14 +165,6 @@ class RuleScores:
     rule: np.ndarray
 
 
-def _z(values: np.ndarray) -> np.ndarray:
-    """z-scores (population standard deviation); all 0 when the values do not spread."""
-    if values.size == 0:
-        return values.astype(np.float64)
-    sd = float(values.std())
-    return (values - values.mean()) / sd if sd > 0 else np.zeros_like(values, np.float64)
-
-
 def rule_scores(labels: np.ndarray, rgb: np.ndarray, mpp: float) -> RuleScores:
     """The hand-made lymphocyte rule on one image: small, dark and round nuclei score high.
 
@@ -187,6 +179,7 @@ def rule_scores(labels: np.ndarray, rgb: np.ndarray, mpp: float) -> RuleScores:
     Raises:
         ValueError: If the shapes of ``labels`` and ``rgb`` differ.
     """
+    from pysynth.lymphocyte import rule_scores as lymphocyte_rule
     from pysynth.shape import shape_features
     from pysynth.synth.deconv import rgb_to_hed
 
@@ -209,7 +202,7 @@ def rule_scores(labels: np.ndarray, rgb: np.ndarray, mpp: float) -> RuleScores:
     c = np.full(n + 1, np.nan)
     rule = np.full(n + 1, np.nan)
     area[present], h[present], c[present] = count[present], mean_h[present], circ[present]
-    rule[present] = -_z(area[present]) + _z(h[present]) + _z(c[present])
+    rule[present] = lymphocyte_rule(area[present], h[present], c[present])
     return RuleScores(area, h, c, rule)
 
 
@@ -344,19 +337,13 @@ def match_nuclei(
 
 
 def combined_scores(model: np.ndarray, rule: np.ndarray, model_threshold: float = 0.5) -> np.ndarray:
-    """The model's lymphocyte log-odds against its threshold plus the hand-made rule: "lymphocyte" where > 0.
+    """The call's score (:func:`pysynth.lymphocyte.call_scores`): "lymphocyte" where > 0, as ``segment`` calls it.
 
-    Two label-free kinds of evidence that fail differently: the class output's probability is absolute (it
-    learnt what a lymphocyte looks like from synthetic ones, and z-scoring it per image loses that), the rule
-    (:func:`rule_scores`) is relative (small, dark and round among the image's own nuclei, whatever the stain and
-    scanner). They are added unweighted, log-odds in nats and the rule in standard deviations, so nothing is fitted
-    to labels; the zero is a nucleus at the model's threshold and average in all three of the rule's z-scores.
-    Probabilities are clipped to [1e-6, 1 − 1e-6] so that the log-odds stay finite.
+    The model's log-odds against its threshold plus the rule, over the image's nuclei.
     """
-    eps = 1e-6
-    p = np.clip(np.asarray(model, np.float64), eps, 1 - eps)
-    t = min(max(float(model_threshold), eps), 1 - eps)
-    return np.log(p / (1 - p)) - math.log(t / (1 - t)) + np.asarray(rule, np.float64)
+    from pysynth.lymphocyte import call_scores
+
+    return call_scores(model, rule, model_threshold)
 
 
 def thresholds(matched: MatchedNuclei, model_threshold: float = 0.5) -> dict[str, float]:

@@ -92,6 +92,18 @@ min_confidence_option = click.option(
 )
 
 
+lymphocyte_call_option = click.option(
+    "--lymphocyte-call",
+    type=click.Choice(["probability", "probability+rule"]),
+    default="probability",
+    show_default=True,
+    help="With a model that has a class output: call a nucleus Lymphocyte by its probability at the threshold, or "
+    "by its log-odds against the threshold plus a small-dark-round rule over the image's (segment) or slide's "
+    "(infer) nuclei (better ranked on BRCA-M2C, but it also calls the smallest darkest nuclei of slides with few "
+    "lymphocytes; README 'Lymphocytes').",
+)
+
+
 lymphocyte_threshold_option = click.option(
     "--lymphocyte-threshold",
     type=FiniteFloatRange(0.0, 1.0),

@@ -7,6 +7,7 @@ import click
 from pysynth.cli._options import (
     device_option,
     input_mpp_option,
+    lymphocyte_call_option,
     lymphocyte_threshold_option,
     min_confidence_option,
     model_option,
@@ -80,6 +81,7 @@ from pysynth.cli._options import (
 @tta_option
 @min_confidence_option
 @lymphocyte_threshold_option
+@lymphocyte_call_option
 @device_option
 @precision_option
 @click.option(
@@ -115,6 +117,7 @@ def infer_command(
     tta: int,
     min_confidence: float | None,
     lymphocyte_threshold: float | None,
+    lymphocyte_call: str,
     device: str,
     precision: str,
     workers: int,
@@ -162,13 +165,15 @@ def infer_command(
             )
     if lymphocyte_threshold is not None and not info.has_classes:
         raise click.UsageError(f"--lymphocyte-threshold: the model {folder} has no class output (lymphocytes)")
+    if lymphocyte_call != "probability" and not info.has_classes:
+        raise click.UsageError(f"--lymphocyte-call: the model {folder} has no class output (lymphocytes)")
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev.type)
     try:
         config = InferConfig(
             core=core, margin=margin, tile=tile, normalise=normalise, tta=tta, min_confidence=min_confidence,
             precision=precision, compile=compile_network, lymphocyte_threshold=lymphocyte_threshold, labels=labels,
-            geojson=geojson,
+            geojson=geojson, lymphocyte_call=lymphocyte_call,
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -7,6 +7,7 @@ import click
 from pysynth.cli._options import (
     device_option,
     input_mpp_option,
+    lymphocyte_call_option,
     lymphocyte_threshold_option,
     min_confidence_option,
     model_option,
@@ -26,6 +27,7 @@ from pysynth.cli._options import (
 @tta_option
 @min_confidence_option
 @lymphocyte_threshold_option
+@lymphocyte_call_option
 @device_option
 @precision_option
 @click.option(
@@ -42,6 +44,7 @@ def segment_command(
     tta: int,
     min_confidence: float | None,
     lymphocyte_threshold: float | None,
+    lymphocyte_call: str,
     device: str,
     precision: str,
     overwrite: bool,
@@ -83,6 +86,8 @@ def segment_command(
     instances = info.instances if min_confidence is None else replace(info.instances, min_confidence=min_confidence)
     if lymphocyte_threshold is not None and not info.has_classes:
         raise click.UsageError(f"--lymphocyte-threshold: the model {folder} has no class output (lymphocytes)")
+    if lymphocyte_call != "probability" and not info.has_classes:
+        raise click.UsageError(f"--lymphocyte-call: the model {folder} has no class output (lymphocytes)")
     threshold = info.lymphocyte_threshold if lymphocyte_threshold is None else lymphocyte_threshold
     run_settings = {
         "model": model_digest(folder),
@@ -95,6 +100,8 @@ def segment_command(
     }
     if info.has_classes:  # recorded only for models with a class output, so earlier folders still match
         run_settings["lymphocyte_threshold"] = threshold
+    if lymphocyte_call != "probability":  # recorded only when not the default, so earlier folders still match
+        run_settings["lymphocyte_call"] = lymphocyte_call
     out = prepare_output_dir(out_dir)
 
     failures, refused, done, skipped, nuclei, pixels, seconds = [], [], 0, 0, 0, 0, 0.0
@@ -129,7 +136,9 @@ def segment_command(
                 failures.append(f"{path}: {exc}")
                 continue
             stale = ledger.outputs_of(stem)
-            written = write_outputs(out, stem, rgb, found, mpp=mpp, lymphocyte_threshold=threshold)
+            written = write_outputs(
+                out, stem, rgb, found, mpp=mpp, lymphocyte_threshold=threshold, lymphocyte_call=lymphocyte_call
+            )
             for old in set(stale) - set(written):  # e.g. a 16-bit PNG replaced by a 32-bit TIFF on a redo
                 old.unlink(missing_ok=True)
             ledger.record(stem, identity, settings, written, nuclei=found.count)

@@ -354,6 +354,35 @@ def segment_rgb(
     return segment_image(model, info, rgb, mpp, instances, precision=precision, tta=tta).labels
 
 
+def image_lymphocyte_calls(
+    labels: np.ndarray, probability: np.ndarray, stains: dict[str, np.ndarray], shape: Any, threshold: float
+) -> np.ndarray:
+    """Lymphocyte or not per label (bool indexed by label, entry 0 and absent labels False), over the image's nuclei.
+
+    :func:`pysynth.lymphocyte.call` on the labels that hold pixels: their class-output ``probability``, pixel
+    count, mean hematoxylin OD (``stains``, :func:`pysynth.table.stain_stats`) and circularity (``shape``,
+    :func:`pysynth.shape.shape_features`; computed here when None, circularity does not depend on the µm/px).
+    """
+    from pysynth.lymphocyte import call
+
+    n = int(labels.max()) if labels.size else 0
+    out = np.zeros(n + 1, bool)
+    if n == 0:
+        return out
+    if shape is None:
+        from pysynth.shape import shape_features
+
+        shape = shape_features(labels, 1.0)
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    present = np.flatnonzero(area)
+    present = present[present > 0]
+    out[present] = call(
+        np.asarray(probability, np.float64)[present], area[present], stains["hematoxylin_od_mean"][present],
+        np.asarray(shape.circularity)[present], threshold,
+    )  # fmt: skip
+    return out
+
+
 def geojson(
     labels: np.ndarray,
     *,
@@ -488,6 +517,7 @@ def write_outputs(
     *,
     mpp: float | None = None,
     lymphocyte_threshold: float = 0.5,
+    lymphocyte_call: str = "probability",
 ) -> Outputs:
     """Write the outputs of one image atomically (the labels last: their presence marks a finished image).
 
@@ -498,7 +528,8 @@ def write_outputs(
     peak`` measurements; given ``mpp`` (µm/px of the labels' grid) also ``Area µm^2``, ``Perimeter µm`` and the
     shape features of :func:`pysynth.shape.shape_features` (after those two). Instances of a network with a class
     output also carry ``Lymphocyte probability`` and are classified ``Lymphocyte`` at ``lymphocyte_threshold``
-    or above (else ``Nucleus``); the overlay draws lymphocytes in their own colour.
+    or above (else ``Nucleus``), or with ``lymphocyte_call`` ``"probability+rule"`` by
+    :func:`image_lymphocyte_calls` over the image's nuclei; the overlay draws lymphocytes in their own colour.
     """
     from pysynth.table import stain_stats, table_writer
 
@@ -521,6 +552,8 @@ def write_outputs(
         measurements = {**(measurements or {}), **shape.measurements()}
     n = int(labels.max()) if labels.size else 0
     stains = stain_stats(labels, rgb, n)
+    if called is not None and lymphocyte_call == "probability+rule":
+        called = image_lymphocyte_calls(labels, found.lymphocyte, stains, shape, lymphocyte_threshold)
     measurements = {**(measurements or {}), **{STAIN_MEASUREMENTS[k]: v for k, v in stains.items()}}
     paths = output_paths(out_dir, stem, n)
     text = json.dumps(geojson(labels, name=stem, measurements=measurements, lymphocyte=called), separators=(",", ":"))

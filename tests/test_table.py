@@ -70,12 +70,13 @@ def test_infer_table_has_a_row_per_feature_with_its_values(tmp_path: Path, model
     assert pq.ParquetFile(tmp_path / "t" / TABLE).metadata.num_row_groups == len(regions)
 
 
-def test_segment_table_agrees_with_its_labels_and_geojson(tmp_path: Path, model_info, tissue_crop) -> None:
+@pytest.mark.parametrize("call", ["probability", "probability+rule"])
+def test_segment_table_agrees_with_its_labels_and_geojson(tmp_path: Path, model_info, tissue_crop, call) -> None:
     from pysynth.segment import output_paths, segment_image, write_outputs
 
     model, info = model_info
     found = segment_image(model, info, tissue_crop, 0.25)
-    write_outputs(tmp_path, "t", tissue_crop, found, mpp=0.25, lymphocyte_threshold=0.5)
+    write_outputs(tmp_path, "t", tissue_crop, found, mpp=0.25, lymphocyte_threshold=0.5, lymphocyte_call=call)
     paths = output_paths(tmp_path, "t", found.count)
     features = json.loads(paths.geojson.read_text())["features"]
     rows = read_table(paths.table).to_pylist()
@@ -88,9 +89,23 @@ def test_segment_table_agrees_with_its_labels_and_geojson(tmp_path: Path, model_
         assert row["centroid_x_px"] == pytest.approx(xs.mean() + 0.5)
         assert row["centroid_y_um"] == pytest.approx((ys.mean() + 0.5) * 0.25)
         assert row["confidence"] == pytest.approx(found.confidence[row["id"]], abs=1e-6)
-        called = found.lymphocyte[row["id"]] >= 0.5
-        assert row["classification"] == ("Lymphocyte" if called else "Nucleus")
         assert row["region"] is None
+    kinds = np.array([r["classification"] for r in rows])
+    if call == "probability":
+        called = np.array([found.lymphocyte[r["id"]] >= 0.5 for r in rows])
+        assert (kinds == np.where(called, "Lymphocyte", "Nucleus")).all()
+        return
+    # The call over the image's nuclei (pysynth.lymphocyte), recomputed from the table's own columns; nuclei
+    # within float32 rounding of the boundary are skipped.
+    from pysynth.lymphocyte import call_scores, rule_scores
+
+    names = ("lymphocyte_probability", "area_um2", "hematoxylin_od_mean", "circularity")
+    column = {k: np.array([r[k] for r in rows], np.float64) for k in names}
+    rule = rule_scores(column["area_um2"], column["hematoxylin_od_mean"], column["circularity"])
+    score = call_scores(column["lymphocyte_probability"], rule, 0.5)
+    sure = np.abs(score) > 1e-3
+    assert (kinds[sure] == np.where(score[sure] > 0, "Lymphocyte", "Nucleus")).all()
+    assert {"Lymphocyte", "Nucleus"} <= set(kinds)
 
 
 def test_a_failed_write_leaves_no_table_and_other_versions_are_refused(tmp_path: Path) -> None:

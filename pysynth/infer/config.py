@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from pysynth.instances import InstanceConfig
+from pysynth.lymphocyte import CALLS as LYMPHOCYTE_CALLS
 from pysynth.segment import TTA_CHOICES
 
 PARTS = ".parts"
@@ -66,6 +67,9 @@ class InferConfig:
         precision: Network arithmetic: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU).
         lymphocyte_threshold: With a class output, nuclei whose lymphocyte probability is at least this are
             classified ``Lymphocyte``; ``None``: the model's own (``classes.lymphocyte_threshold`` of its card).
+        lymphocyte_call: ``"probability"`` (default): a lymphocyte is a nucleus at ``lymphocyte_threshold`` or
+            above; ``"probability+rule"``: its log-odds against that threshold plus the small-dark-round rule over
+            the slide's nuclei is above 0 (:mod:`pysynth.lymphocyte`).
         compile: Run the network through ``torch.compile`` (one compilation per window shape, about 8-12 s each on
             this project's 2-core CPU; falls back to eager with a warning where it cannot compile). On that CPU a
             2,304² pass alone ran 1.21× faster (5.15 against 4.25 Mpx/s), but end to end on a 50 Mpx bench slide
@@ -89,6 +93,7 @@ class InferConfig:
     min_confidence: float | None = None
     precision: str = "fp32"
     lymphocyte_threshold: float | None = None
+    lymphocyte_call: str = "probability"
     compile: bool = False
     labels: str = "none"
     geojson: str = "plain"
@@ -115,6 +120,10 @@ class InferConfig:
             raise ValueError(f"tta must be one of {', '.join(map(str, TTA_CHOICES))}, got {self.tta!r}")
         if self.lymphocyte_threshold is not None and not 0.0 <= self.lymphocyte_threshold <= 1.0:
             raise ValueError(f"lymphocyte_threshold must be in [0, 1], got {self.lymphocyte_threshold}")
+        if self.lymphocyte_call not in LYMPHOCYTE_CALLS:
+            raise ValueError(
+                f"lymphocyte_call must be one of {', '.join(LYMPHOCYTE_CALLS)}, got {self.lymphocyte_call!r}"
+            )
         if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
         if self.labels not in LABEL_FORMATS:
@@ -125,10 +134,12 @@ class InferConfig:
     def record(self) -> dict:
         """The settings as recorded with a slide's results.
 
-        ``labels`` and ``geojson`` are there only when not their defaults, so the slides of versions before them
-        keep their identity.
+        ``labels``, ``geojson`` and ``lymphocyte_call`` are there only when not their defaults, so the slides of
+        versions before them keep their identity.
         """
         out = asdict(self)
+        if out["lymphocyte_call"] == "probability":
+            del out["lymphocyte_call"]
         if out["labels"] == "none":
             del out["labels"]
         if out["geojson"] == "plain":

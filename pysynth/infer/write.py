@@ -82,12 +82,19 @@ def table_columns(nuclei: list[dict[str, Any]], first_id: int, region: int, kind
     return columns
 
 
-def feature(nuc: dict[str, Any], ident: int, lymphocyte_threshold: float | None = None) -> dict[str, Any]:
-    """One nucleus as a QuPath detection; with a class output (``lymphocyte`` in ``nuc``) classified by threshold."""
+def feature(
+    nuc: dict[str, Any], ident: int, lymphocyte_threshold: float | None = None, lymphocyte: bool | None = None
+) -> dict[str, Any]:
+    """One nucleus as a QuPath detection; with a class output (``lymphocyte`` in ``nuc``) classified.
+
+    ``lymphocyte`` is the call (:mod:`pysynth.lymphocyte`, made over the slide's nuclei by :func:`lymphocyte_calls`);
+    without it the nucleus is classified by its probability at ``lymphocyte_threshold`` alone.
+    """
     classes = "lymphocyte" in nuc and lymphocyte_threshold is not None
     kind = None
     if classes:
-        kind = LYMPHOCYTE if nuc["lymphocyte"] >= lymphocyte_threshold else NUCLEUS
+        called = nuc["lymphocyte"] >= lymphocyte_threshold if lymphocyte is None else lymphocyte
+        kind = LYMPHOCYTE if called else NUCLEUS
     measurements = {
         # Area, perimeter and the shape features (parts written before the latter existed lack them).
         **{name: nuc[key] for key, name in MEASUREMENT_NAMES.items() if key in nuc},
@@ -124,6 +131,29 @@ def geojson_writer(slide_dir: Path, fmt: str = "plain") -> Iterator[IO[str]]:
         yield out
 
 
+def lymphocyte_calls(regions: list[Region], parts: Path, threshold: float) -> dict[int, np.ndarray]:
+    """Per region, the lymphocyte call of each of its nuclei (:func:`pysynth.lymphocyte.call`) over the slide's nuclei.
+
+    A first pass over the saved regions, since the rule's z-scores are taken over all nuclei of the slide.
+    Empty when the nuclei have no class output's probability.
+    """
+    from pysynth.lymphocyte import call
+
+    columns: dict[str, list[float]] = {"lymphocyte": [], "area_px": [], "hematoxylin": [], "circularity": []}
+    sizes = []
+    for region in regions:
+        nuclei = json.loads((parts / f"{region.index:06d}.json").read_text())["nuclei"]
+        if any("lymphocyte" not in nuc for nuc in nuclei):
+            return {}
+        sizes.append(len(nuclei))
+        for key, values in columns.items():
+            values.extend(float(nuc[key]) for nuc in nuclei)
+    arrays = {key: np.asarray(values, np.float64) for key, values in columns.items()}
+    called = call(arrays["lymphocyte"], arrays["area_px"], arrays["hematoxylin"], arrays["circularity"], threshold)
+    ends = np.cumsum(sizes)
+    return {region.index: called[end - n : end] for region, n, end in zip(regions, sizes, ends, strict=True)}
+
+
 def write_outputs(
     slide_dir: Path,
     reader: SlideReader,
@@ -139,7 +169,9 @@ def write_outputs(
     The table (:mod:`pysynth.table`) has one row per GeoJSON feature, with the same ``id``, one row group per
     region.
 
-    With a class output (``lymphocyte_threshold`` given) lymphocytes are outlined in their own colour, and the
+    With a class output (``lymphocyte_threshold`` given) lymphocytes (at the threshold, or with
+    ``config.lymphocyte_call`` ``"probability+rule"`` by :func:`lymphocyte_calls` over the slide's nuclei) are
+    outlined in their own colour, and the
     lymphocyte density grid and its heatmap are written (:func:`write_density`); the class summary holds their
     count and density (empty without a class output).
     """
@@ -158,6 +190,8 @@ def write_outputs(
     count = 0
     lymphocyte_xy: list[tuple[float, float]] = []
     colours = {NUCLEUS: (0, 160, 0), LYMPHOCYTE: CLASS_COLOURS[LYMPHOCYTE]}
+    by_rule = lymphocyte_threshold is not None and config.lymphocyte_call == "probability+rule"
+    calls = lymphocyte_calls(regions, parts, lymphocyte_threshold) if by_rule else {}
     metadata = {
         "source": Path(str(reader.name)).name,
         "slide_mpp": reader.mpp,
@@ -174,9 +208,11 @@ def write_outputs(
             atomic_write_text(csv_dir / name, csv_text(nuclei))
             polys: dict[str, list[np.ndarray]] = {NUCLEUS: [], LYMPHOCYTE: []}
             first, kinds = count + 1, []
-            for nuc in nuclei:
+            region_calls = calls.get(region.index)
+            for i, nuc in enumerate(nuclei):
                 count += 1
-                feat = feature(nuc, count, lymphocyte_threshold)
+                called = None if region_calls is None else bool(region_calls[i])
+                feat = feature(nuc, count, lymphocyte_threshold, called)
                 out.write(("," if count > 1 else "") + json.dumps(feat, separators=(",", ":")))
                 kind = feat["properties"]["classification"]["name"]
                 kinds.append(kind)

@@ -167,12 +167,15 @@ def test_density_grid_counts_per_mm2_of_tissue() -> None:
     assert np.nansum(small * np.where(small > 0, 0.25, 0)) == pytest.approx(6)
 
 
+@pytest.mark.parametrize("option", [("--lymphocyte-threshold", "0.4"), ("--lymphocyte-call", "probability+rule")])
 @pytest.mark.parametrize("command", ["segment", "infer"])
-def test_lymphocyte_threshold_needs_a_class_output(run_cli, tmp_path: Path, tissue_rgb: np.ndarray, command: str):
+def test_lymphocyte_threshold_needs_a_class_output(
+    run_cli, tmp_path: Path, tissue_rgb: np.ndarray, command: str, option: tuple[str, str]
+):
     image = tmp_path / "tile.png"
     cv2.imwrite(str(image), cv2.cvtColor(tissue_rgb[:256, :256], cv2.COLOR_RGB2BGR))
     args = [command, image, "--model", "plain", "--input-mpp", "0.5", "--out", tmp_path / "o"]
-    result = run_cli(*args, "--lymphocyte-threshold", "0.4")
+    result = run_cli(*args, *option)
     assert result.code == 2
     assert "Traceback" not in result.err
     assert "has no class output" in result.err
@@ -190,6 +193,7 @@ def test_infer_writes_classes_counts_and_density(run_cli, tmp_path: Path, tissue
     assert "lymph." in result.out
     slide = tmp_path / "o" / "tile"
     summary = json.loads((slide / "summary.json").read_text())
+    assert "lymphocyte_call" not in summary["settings"]["config"]  # the default call keeps earlier folders' identity
     features = json.loads((slide / "nuclei.geojson").read_text())["features"]
     called = [f for f in features if f["properties"]["classification"]["name"] == "Lymphocyte"]
     assert summary["lymphocytes"] == len(called)
@@ -211,3 +215,39 @@ def test_infer_writes_classes_counts_and_density(run_cli, tmp_path: Path, tissue
     assert (grid[finite] >= counts[finite] / cell_mm2 - 1e-3).all()
     assert (grid[finite & (counts == 0)] == 0).all()
     assert (slide / "lymphocyte_density.png").stat().st_size > 0
+
+
+def test_infer_calls_lymphocytes_by_probability_and_rule_over_the_slide(
+    run_cli, tmp_path: Path, tissue_rgb: np.ndarray
+) -> None:
+    from pysynth.lymphocyte import call_scores, rule_scores
+
+    image = tmp_path / "tile.png"
+    cv2.imwrite(str(image), cv2.cvtColor(tissue_rgb[:512, :512], cv2.COLOR_RGB2BGR))
+    out = tmp_path / "o"
+    args = ["infer", image, "--input-mpp", "0.5", "--out", out, "--core", "256"]  # several regions, one call
+    result = run_cli(*args, "--lymphocyte-call", "probability+rule")
+    assert result.code == 0, result.err
+    slide = out / "tile"
+    summary = json.loads((slide / "summary.json").read_text())
+    assert summary["regions"] > 1
+    assert summary["settings"]["config"]["lymphocyte_call"] == "probability+rule"
+    features = json.loads((slide / "nuclei.geojson").read_text())["features"]
+    m = [f["properties"]["measurements"] for f in features]
+    col = {k: np.array([x[k] for x in m], np.float64) for k in m[0]}
+    score = call_scores(
+        col["Lymphocyte probability"],
+        rule_scores(col["Area µm^2"], col["Hematoxylin OD mean"], col["Circularity"]),
+        summary["lymphocyte_threshold"],
+    )
+    kinds = np.array([f["properties"]["classification"]["name"] for f in features])
+    sure = np.abs(score) > 1e-3  # the GeoJSON rounds measurements to 4 digits
+    assert (kinds[sure] == np.where(score[sure] > 0, "Lymphocyte", "Nucleus")).all()
+    assert summary["lymphocytes"] == int((kinds == "Lymphocyte").sum())
+    # The call differs from the probability's here: the option is what classified them.
+    by_probability = col["Lymphocyte probability"] >= summary["lymphocyte_threshold"]
+    assert (by_probability != (kinds == "Lymphocyte")).any()
+    # A rerun with the default call has other settings: refused without --overwrite.
+    rerun = run_cli(*args)
+    assert rerun.code != 0
+    assert "Traceback" not in rerun.err
