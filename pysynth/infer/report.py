@@ -84,9 +84,13 @@ def _crop(
     mpp: float,
     regions: list[Region],
     parts: Path,
-    threshold: float | None,
+    called: dict[int, np.ndarray],
 ) -> tuple[np.ndarray, int]:
-    """A crop of ``CROP_PX`` px at the model's ``mpp`` around a level-0 ``centre``, every nucleus in it outlined."""
+    """A crop of ``CROP_PX`` px at the model's ``mpp`` around a level-0 ``centre``, every nucleus in it outlined.
+
+    ``called`` holds, per region index, whether each of its nuclei (in the order of its saved part) is a
+    lymphocyte, as the table classifies it.
+    """
     f = mpp / reader.mpp  # level-0 px per model px
     x0, y0 = centre[0] - CROP_PX / 2 * f, centre[1] - CROP_PX / 2 * f
     rgb = np.ascontiguousarray(read_region(reader, x0, y0, (CROP_PX, CROP_PX), mpp))
@@ -97,11 +101,12 @@ def _crop(
             continue
         if region.y > box[3] + 64 or region.y + region.h < box[1] - 64:
             continue
-        for nuc in json.loads((parts / f"{region.index:06d}.json").read_text())["nuclei"]:
+        lymphocytes = called.get(region.index)
+        for i, nuc in enumerate(json.loads((parts / f"{region.index:06d}.json").read_text())["nuclei"]):
             ring = (np.asarray(nuc["polygon"], np.float64) - (x0, y0)) / f
             if ring[:, 0].max() < 0 or ring[:, 1].max() < 0 or ring[:, 0].min() > CROP_PX or ring[:, 1].min() > CROP_PX:
                 continue
-            lymph = threshold is not None and nuc.get("lymphocyte", 0.0) >= threshold
+            lymph = lymphocytes is not None and bool(lymphocytes[i])
             groups[lymph].append(np.round(ring * 4).astype(np.int32))
     for lymph, polys in groups.items():
         if polys:
@@ -133,10 +138,12 @@ def write_report(
 
     from .write import DENSITY_CELL_UM, density_grid
 
-    columns = ["centroid_x_px", "centroid_y_px", "area_um2", "circularity", "confidence", "classification"]
+    columns = ["centroid_x_px", "centroid_y_px", "area_um2", "circularity", "confidence", "region", "classification"]
     table = read_table(slide_dir / TABLE).select(columns)
     data = {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns[:-1]}
     kinds = np.asarray(table.column("classification").to_pylist(), dtype=object)
+    # The table's classification per region, in the order of its saved part (the crops outline by it).
+    called = {int(r): kinds[data["region"] == r] == LYMPHOCYTE for r in np.unique(data["region"])}
     xy = np.stack([data["centroid_x_px"], data["centroid_y_px"]], axis=1).reshape(-1, 2)
     h0, w0 = reader.level_shapes_hw[0]
     t_mpp = max(4.0, max(h0, w0) * reader.mpp / 1200)
@@ -165,7 +172,7 @@ def write_report(
     half = CROP_PX / 2 * mpp / reader.mpp  # half a crop in level-0 px: crops stay inside the slide
     for cx, cy in crop_centres(counts, cell_px):
         centre = (min(max(cx, half), max(half, w0 - half)), min(max(cy, half), max(half, h0 - half)))
-        rgb, n = _crop(reader, centre, mpp, regions, parts, threshold)
+        rgb, n = _crop(reader, centre, mpp, regions, parts, called)
         where = f"x {centre[0]:.0f}, y {centre[1]:.0f} (level-0 px)"
         crops.append(_figure(_jpeg(rgb), f"{where}: {n} nuclei, {CROP_PX * mpp:.0f} µm wide", CROP_PX))
     tissue_mm2 = tissue.area_um2() / 1e6
@@ -178,8 +185,10 @@ def write_report(
     ]
     if threshold is not None:
         share = lymph.mean() if n else 0.0
+        by_rule = summary.get("settings", {}).get("config", {}).get("lymphocyte_call") == "probability+rule"
+        how = f"by probability (threshold {threshold:g}) and rule" if by_rule else f"at probability ≥ {threshold:g}"
         rows += [
-            ("lymphocytes", f"{int(lymph.sum()):,} ({share:.1%}) at probability ≥ {threshold:g}"),
+            ("lymphocytes", f"{int(lymph.sum()):,} ({share:.1%}) {how}"),
             ("lymphocytes per mm²", f"{lymph.sum() / tissue_mm2:,.0f}" if tissue_mm2 > 0 else "–"),
         ]
     stats = [

@@ -244,6 +244,9 @@ def test_infer_calls_lymphocytes_by_probability_and_rule_over_the_slide(
     sure = np.abs(score) > 1e-3  # the GeoJSON rounds measurements to 4 digits
     assert (kinds[sure] == np.where(score[sure] > 0, "Lymphocyte", "Nucleus")).all()
     assert summary["lymphocytes"] == int((kinds == "Lymphocyte").sum())
+    page = (slide / "report.html").read_text()
+    assert f"{summary['lymphocytes']:,} (" in page
+    assert "and rule" in page
     # The call differs from the probability's here: the option is what classified them.
     by_probability = col["Lymphocyte probability"] >= summary["lymphocyte_threshold"]
     assert (by_probability != (kinds == "Lymphocyte")).any()
