@@ -45,6 +45,7 @@ import numpy as np
 
 from pysynth.detection import DetectionScores, centroids, detection_scores, match_points, pool, read_dots
 from pysynth.errors import PysynthError
+from pysynth.lymphocyte import call_scores as combined_scores  # the call segment and infer make
 from pysynth.metrics import auroc
 
 #: Dot class of a lymphocyte (:data:`pysynth.detection.DOT_CLASSES`).
@@ -334,16 +335,6 @@ def match_nuclei(
         model=model,
     )
     return detection, matched
-
-
-def combined_scores(model: np.ndarray, rule: np.ndarray, model_threshold: float = 0.5) -> np.ndarray:
-    """The call's score (:func:`pysynth.lymphocyte.call_scores`): "lymphocyte" where > 0, as ``segment`` calls it.
-
-    The model's log-odds against its threshold plus the rule, over the image's nuclei.
-    """
-    from pysynth.lymphocyte import call_scores
-
-    return call_scores(model, rule, model_threshold)
 
 
 def thresholds(matched: MatchedNuclei, model_threshold: float = 0.5) -> dict[str, float]:

@@ -60,7 +60,12 @@ def call_scores(probability: np.ndarray, rule: np.ndarray, threshold: float = 0.
     return np.log(p / (1 - p)) - math.log(t / (1 - t)) + np.asarray(rule, np.float64)
 
 
-def call(probability: np.ndarray, area: np.ndarray, hematoxylin: np.ndarray, circularity: np.ndarray,
-         threshold: float = 0.5) -> np.ndarray:  # fmt: skip
+def call(
+    probability: np.ndarray,
+    area: np.ndarray,
+    hematoxylin: np.ndarray,
+    circularity: np.ndarray,
+    threshold: float = 0.5,
+) -> np.ndarray:
     """Lymphocyte or not for each of a population of nuclei (the rule's z-scores taken over exactly these)."""
     return call_scores(probability, rule_scores(area, hematoxylin, circularity), threshold) > 0

@@ -142,8 +142,13 @@ def write_report(
     table = read_table(slide_dir / TABLE).select(columns)
     data = {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns[:-1]}
     kinds = np.asarray(table.column("classification").to_pylist(), dtype=object)
-    # The table's classification per region, in the order of its saved part (the crops outline by it).
-    called = {int(r): kinds[data["region"] == r] == LYMPHOCYTE for r in np.unique(data["region"])}
+    # The table's classification per region, in the order of its saved part (the crops outline by it): a stable
+    # sort by region keeps each region's rows in their order, in one pass whatever the number of regions.
+    region = np.asarray(data["region"], np.int64)
+    order = np.argsort(region, kind="stable")
+    starts = np.flatnonzero(np.r_[True, region[order][1:] != region[order][:-1]]) if len(order) else np.zeros(0, int)
+    lymph_rows = kinds[order] == LYMPHOCYTE
+    called = {int(region[order[a]]): lymph_rows[a:b] for a, b in zip(starts, [*starts[1:], len(order)], strict=True)}
     xy = np.stack([data["centroid_x_px"], data["centroid_y_px"]], axis=1).reshape(-1, 2)
     h0, w0 = reader.level_shapes_hw[0]
     t_mpp = max(4.0, max(h0, w0) * reader.mpp / 1200)
