@@ -146,9 +146,12 @@ def write_report(
     # sort by region keeps each region's rows in their order, in one pass whatever the number of regions.
     region = np.asarray(data["region"], np.int64)
     order = np.argsort(region, kind="stable")
-    starts = np.flatnonzero(np.r_[True, region[order][1:] != region[order][:-1]]) if len(order) else np.zeros(0, int)
+    edges = np.flatnonzero(np.diff(region[order])) + 1
     lymph_rows = kinds[order] == LYMPHOCYTE
-    called = {int(region[order[a]]): lymph_rows[a:b] for a, b in zip(starts, [*starts[1:], len(order)], strict=True)}
+    called = {}
+    if len(order):  # a slide without nuclei has no groups
+        for a, b in zip(np.r_[0, edges], np.r_[edges, len(order)], strict=True):
+            called[int(region[order[a]])] = lymph_rows[a:b]
     xy = np.stack([data["centroid_x_px"], data["centroid_y_px"]], axis=1).reshape(-1, 2)
     h0, w0 = reader.level_shapes_hw[0]
     t_mpp = max(4.0, max(h0, w0) * reader.mpp / 1200)
