@@ -3,13 +3,16 @@
 Usage::
 
     python -m pysynth.bench.thresholds MODEL --real SOURCE [--real SOURCE ...] [--input-mpp UM] [--json OUT]
+        [--save DIR]
 
 ``MODEL`` is a model folder or a shipped model's name; ``--real`` and ``--input-mpp`` are the sources it was trained
 on, as its training command gave them. The held-out patches are rebuilt from the model's ``config.yaml`` exactly as
 training made them (item ``VAL_OFFSET + k`` of its synthetic stream), so the grid reproduces the run's
 ``validation.json``; :func:`pysynth.train.loop.choose_thresholds` then chooses. Prints the model's recorded
 post-processing, the chosen one, the reference setting (best mean AJI) and how many settings were as good as it.
-The model folder is not changed. Synthetic labels only: no real label is read.
+The model folder is not changed; ``--save DIR`` writes a copy of it (a new folder) whose ``model.json`` has the
+chosen post-processing, for ``pysynth segment --model DIR`` or ``bench.dev_scores DIR``. Synthetic labels only:
+no real label is read.
 """
 
 from __future__ import annotations
@@ -49,6 +52,26 @@ def rechoose(model: str, real: list[Path], input_mpp: float | None) -> dict[str,
     }
 
 
+def save_rechosen(model: str, chosen: dict[str, Any], out: Path) -> None:
+    """A copy of ``model``'s folder at ``out`` (which must not exist) with ``chosen`` as its post-processing."""
+    import shutil
+
+    from pysynth.errors import PysynthError
+    from pysynth.fsutil import atomic_write_text
+    from pysynth.models.io import META, resolve_model_dir
+
+    if out.exists():
+        raise PysynthError(f"{out} exists: --save writes a new folder")
+    folder = resolve_model_dir(model)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder, staging)
+    meta = json.loads((staging / META).read_text())
+    meta["instances"] = dict(chosen)
+    atomic_write_text(staging / META, json.dumps(meta, indent=1) + "\n")
+    staging.rename(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pysynth.errors import PysynthError
 
@@ -57,9 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", type=Path, action="append", required=True)
     parser.add_argument("--input-mpp", type=float, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--save", type=Path, default=None, help="write a copy of the model with the chosen setting")
     args = parser.parse_args(argv)
     try:
+        if args.save is not None and args.save.exists():
+            raise PysynthError(f"{args.save} exists: --save writes a new folder")
         result = rechoose(args.model, args.real, args.input_mpp)
+        if args.save is not None:
+            save_rechosen(args.model, result["chosen"], args.save)
     except PysynthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -205,33 +205,50 @@ def predict_batch(model: UNet, images: np.ndarray) -> np.ndarray:
 #: Minimum confidences :func:`choose_thresholds` tries.
 MIN_CONFIDENCE_GRID = (0.0, 0.5, 0.6, 0.7, 0.8)
 
+#: Minimum nucleus areas (µm²) that training's search tries besides its base minimum size and twice it: discs of
+#: about 2.3, 3.2, 3.9 and 4.5 µm diameter, below the size of a lymphocyte's nucleus (about 6 µm).
+MIN_AREA_GRID_UM2 = (4.0, 8.0, 12.0, 16.0)
+
+
+def min_size_grid(base_px: int, mpp: float, areas_um2: Sequence[float] = MIN_AREA_GRID_UM2) -> tuple[int, ...]:
+    """The minimum sizes (px at ``mpp`` µm/px) training's search tries: ``base_px``, twice it, and ``areas_um2``.
+
+    Sorted and without repeats; sizes below the base are left out.
+    """
+    sizes = {base_px, 2 * base_px, *(round(a / (mpp * mpp)) for a in areas_um2)}
+    return tuple(sorted(s for s in sizes if s >= base_px))
+
 
 def choose_thresholds(
     maps: np.ndarray,
     labels: Sequence[np.ndarray],
     base: InstanceConfig,
     min_confidences: Sequence[float] = MIN_CONFIDENCE_GRID,
+    min_sizes: Sequence[int] | None = None,
 ) -> tuple[InstanceConfig, list[dict[str, float]]]:
     """Grid-search post-processing on labelled (synthetic) patches: the most selective setting as good as the best.
 
     Searched together: the seed and foreground thresholds, the smoothing of the detection map (1 or 2 px: more
-    merges the several blobs a large or vesicular nucleus may give), the minimum size (``base.min_size`` or twice
-    it) and the minimum confidence (``min_confidences``: instances whose mean segmentation probability is below it
-    are dropped). The instances of each setting are made once and filtered for every minimum confidence.
+    merges the several blobs a large or vesicular nucleus may give), the minimum size (``min_sizes``; default
+    ``base.min_size`` or twice it) and the minimum confidence (``min_confidences``: instances whose mean
+    segmentation probability is below it are dropped). The instances of each setting are made once and filtered
+    for every minimum confidence.
 
     The choice is the one-standard-error rule (Hastie, Tibshirani and Friedman, *Elements of Statistical Learning*,
     §7.10): the setting with the best mean AJI (ties: PQ) is the reference; every setting whose per-patch AJI falls
     short of it by no more than one standard error of the paired differences is as good on these patches; of those,
-    the one with the highest minimum confidence is chosen (then the best mean AJI, then PQ). Why the most selective:
-    synthetic patches hold no unlabelled nucleus-like structures, so they cannot show what a minimum confidence
-    gains on real tissue, where the dominant error is false nuclei of low mean probability (purple cytoplasm,
-    smudges); they do show what it costs (real-looking pale nuclei dropped), and that cost is what the rule bounds.
+    the most selective is chosen: the highest minimum confidence, then the largest minimum size (then the best mean
+    AJI, then PQ). Why the most selective: synthetic patches hold no unlabelled nucleus-like structures, so they
+    cannot show what either filter gains on real tissue, where the dominant error is false nuclei of low mean
+    probability and of about half a true nucleus' area (purple cytoplasm, smudges, debris); they do show what it
+    costs (real-looking pale or small nuclei dropped), and that cost is what the rule bounds.
 
     Args:
         maps: ``(N, 2, H, W)`` probabilities of the patches.
         labels: Their true instance labels.
         base: Other post-processing settings.
         min_confidences: The minimum confidences tried.
+        min_sizes: The minimum sizes tried (px); default ``(base.min_size, 2 * base.min_size)``.
 
     Returns:
         ``(chosen, table)``: the chosen configuration and every tried one's settings, mean scores, ``aji_short``
@@ -243,7 +260,7 @@ def choose_thresholds(
     table: list[dict[str, Any]] = []
     per_patch: list[np.ndarray] = []
     for sigma in (1.0, 2.0):
-        for min_size in (base.min_size, 2 * base.min_size):
+        for min_size in (base.min_size, 2 * base.min_size) if min_sizes is None else min_sizes:
             for det_t in (0.3, 0.4, 0.5, 0.6, 0.7):
                 for fg_t in (0.3, 0.4, 0.5, 0.6):
                     cfg = replace(
@@ -271,7 +288,7 @@ def choose_thresholds(
         row.update(aji_short=float(short.mean()), aji_se=se, as_good=bool(short.mean() <= se))
     chosen = max(
         (i for i in order if table[i]["as_good"]),
-        key=lambda i: (table[i]["min_confidence"], table[i]["aji"], table[i]["pq"]),
+        key=lambda i: (table[i]["min_confidence"], table[i]["min_size"], table[i]["aji"], table[i]["pq"]),
     )
     table = [table[chosen]] + [table[i] for i in order if i != chosen]
     best = InstanceConfig(**{k: table[0][k] for k in asdict(base)})
@@ -391,7 +408,8 @@ def validate_thresholds(
         ]
     )
     base = InstanceConfig(min_size=max(1, round(20 * (0.25 / config.synth.model_mpp) ** 2)))
-    best, table = choose_thresholds(maps, [it["labels"] for it in val_items], base)
+    sizes = min_size_grid(base.min_size, config.synth.model_mpp)
+    best, table = choose_thresholds(maps, [it["labels"] for it in val_items], base, min_sizes=sizes)
     atomic_write_text(out_dir / "validation.json", json.dumps({"chosen": asdict(best), "grid": table}, indent=1) + "\n")
     return best, table, maps
 

@@ -11,7 +11,7 @@ import pytest
 
 from pysynth.instances import InstanceConfig, find_instances
 from pysynth.metrics import Scores, mean_scores, score
-from pysynth.train.loop import MIN_CONFIDENCE_GRID, choose_thresholds
+from pysynth.train.loop import MIN_AREA_GRID_UM2, MIN_CONFIDENCE_GRID, choose_thresholds, min_size_grid
 
 
 def _patches(n: int = 4, size: int = 72, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -81,7 +81,7 @@ def _one_se_choice(maps, labels, scores: dict[InstanceConfig, Scores]) -> tuple[
         short = ref - _per_patch_aji(maps, labels, cfg)
         if short.mean() <= short.std(ddof=1) / np.sqrt(short.size):
             as_good.add(cfg)
-    chosen = max(as_good, key=lambda c: (c.min_confidence, scores[c].aji, scores[c].pq))
+    chosen = max(as_good, key=lambda c: (c.min_confidence, c.min_size, scores[c].aji, scores[c].pq))
     return chosen, as_good
 
 
@@ -94,7 +94,7 @@ def test_choose_thresholds_picks_the_most_selective_setting_as_good_as_the_best(
     chosen, as_good = _one_se_choice(maps, labels, scores)
     top = max((s.aji, s.pq) for s in scores.values())
     assert (scores[chosen].aji, scores[chosen].pq) == (scores[best].aji, scores[best].pq)
-    assert best.min_confidence == chosen.min_confidence
+    assert (best.min_confidence, best.min_size) == (chosen.min_confidence, chosen.min_size)
     assert best.min_confidence > 0  # dropping the faint false objects is what gives the best AJI
     assert top[0] > max(s.aji for cfg, s in scores.items() if cfg.min_confidence == 0)
     # The table reports every setting with its true scores, the chosen one first, and which were as good.
@@ -139,3 +139,43 @@ def test_a_minimum_confidence_that_costs_nothing_is_chosen() -> None:
     assert best.min_confidence == 0.5
     same = [r for r in table if r["aji"] == table[0]["aji"] and r["pq"] == table[0]["pq"]]
     assert {r["min_confidence"] for r in same} == {0.0, 0.5}
+
+
+def test_min_size_grid_is_the_base_twice_it_and_the_areas_at_the_model_resolution() -> None:
+    assert min_size_grid(20, 0.25) == (20, 40, 64, 128, 192, 256)  # 4, 8, 12, 16 µm² at 0.25 µm/px
+    assert min_size_grid(5, 0.5) == (5, 10, 16, 32, 48, 64)
+    assert min_size_grid(40, 0.25, (1.0, 2.5, 8.0)) == (40, 80, 128)  # below the base: left out; repeats: once
+    assert tuple(sorted(MIN_AREA_GRID_UM2)) == MIN_AREA_GRID_UM2
+
+
+def _sized_patches(small_radius: int, n: int = 4, size: int = 72, seed: int = 2):
+    """Confident true nuclei of radius 8 (about 200 px), every third of radius ``small_radius`` instead."""
+    rng = np.random.default_rng(seed)
+    maps, labels = [], []
+    for _ in range(n):
+        lab = np.zeros((size, size), np.int32)
+        det = np.zeros((size, size), np.float32)
+        centres = [(x, y) for y in range(12, size - 8, 24) for x in range(12, size - 8, 24)]
+        for i, k in enumerate(rng.permutation(len(centres))):
+            x, y = centres[k]
+            cv2.circle(lab, (x, y), small_radius if i % 3 == 2 else 8, i + 1, -1)
+            cv2.circle(det, (x, y), 2, 1.0, -1)
+        seg = cv2.GaussianBlur((lab > 0).astype(np.float32), (0, 0), 0.7)
+        maps.append(np.stack([det, seg]))
+        labels.append(lab)
+    return np.stack(maps), labels
+
+
+def test_a_minimum_size_that_costs_nothing_is_chosen_and_one_that_drops_nuclei_is_not() -> None:
+    # All nuclei about 200 px: 150 px drops none of them, so it is as good and the most selective size; 400 px
+    # drops every nucleus and is never as good.
+    maps, labels = _sized_patches(small_radius=8)
+    best, table = choose_thresholds(maps, labels, InstanceConfig(min_size=10), (0.0,), min_sizes=(10, 150, 400))
+    assert best.min_size == 150
+    assert {r["min_size"] for r in table} == {10, 150, 400}
+    assert not any(r["as_good"] for r in table if r["min_size"] == 400)
+    # A third of the true nuclei are small (radius 4, about 50 px): 150 px would drop them, so the base is kept.
+    maps, labels = _sized_patches(small_radius=4)
+    best, table = choose_thresholds(maps, labels, InstanceConfig(min_size=10), (0.0,), min_sizes=(10, 150, 400))
+    assert best.min_size == 10
+    assert all(r["aji_short"] > r["aji_se"] for r in table if r["min_size"] == 150)

@@ -15,7 +15,7 @@ from pysynth.errors import PysynthError
 from pysynth.instances import InstanceConfig
 from pysynth.models.io import load_model
 from pysynth.train.config import TrainConfig, dump_config, load_config_file
-from pysynth.train.loop import MIN_CONFIDENCE_GRID, train
+from pysynth.train.loop import MIN_CONFIDENCE_GRID, min_size_grid, train
 
 TINY = {
     "model": {"width": 4, "depth": 2, "max_width": 16},
@@ -60,14 +60,20 @@ def test_a_run_writes_a_usable_model_folder(tmp_path: Path, real_png: Path) -> N
     assert info.mpp == 0.25
     assert TrainConfig.from_dict(load_config_file(folder / "config.yaml")) == config
     validation = json.loads((folder / "validation.json").read_text())
-    assert len(validation["grid"]) == 80 * len(MIN_CONFIDENCE_GRID)
+    sizes = min_size_grid(max(1, round(20 * (0.25 / config.synth.model_mpp) ** 2)), config.synth.model_mpp)
+    assert len(sizes) == 6
+    assert len(validation["grid"]) == 40 * len(sizes) * len(MIN_CONFIDENCE_GRID)
+    assert {row["min_size"] for row in validation["grid"]} == set(sizes)
     # The model keeps the grid's chosen setting: as good as the best (one-standard-error rule), and no setting as good
     # has a higher minimum confidence (choose_thresholds' rule itself is checked in test_choose_thresholds.py).
     keys = InstanceConfig.__dataclass_fields__
     (kept,) = [row for row in validation["grid"] if {k: row[k] for k in keys} == asdict(info.instances)]
     assert kept == validation["grid"][0]
     assert kept["as_good"]
-    assert kept["min_confidence"] == max(row["min_confidence"] for row in validation["grid"] if row["as_good"])
+    as_good = [row for row in validation["grid"] if row["as_good"]]
+    assert kept["min_confidence"] == max(row["min_confidence"] for row in as_good)
+    same_confidence = [row["min_size"] for row in as_good if row["min_confidence"] == kept["min_confidence"]]
+    assert kept["min_size"] == max(same_confidence)
     assert validation["chosen"] == asdict(info.instances)
     # The held-out patches are rebuilt from the folder alone, and the same rule gives the same choice.
     from pysynth.bench.thresholds import rechoose
@@ -76,6 +82,20 @@ def test_a_run_writes_a_usable_model_folder(tmp_path: Path, real_png: Path) -> N
     assert again["chosen"] == again["recorded"] == asdict(info.instances)
     assert again["chosen_row"] == kept
     assert again["settings"] == len(validation["grid"])
+    # --save: a copy of the folder whose model.json has the given post-processing, the weights unchanged.
+    from pysynth.bench.thresholds import main as thresholds_main
+    from pysynth.bench.thresholds import save_rechosen
+
+    chosen = dict(again["chosen"], min_size=again["chosen"]["min_size"] + 1)
+    save_rechosen(str(folder), chosen, tmp_path / "m2")
+    _, saved = load_model(tmp_path / "m2")
+    assert asdict(saved.instances) == chosen
+    assert (tmp_path / "m2" / "model.pt").read_bytes() == (folder / "model.pt").read_bytes()
+    assert asdict(load_model(folder)[1].instances) == asdict(info.instances)  # the source folder is not changed
+    with pytest.raises(PysynthError, match="exists"):
+        save_rechosen(str(folder), chosen, tmp_path / "m2")
+    argv = [str(folder), "--real", str(real_png), "--input-mpp", "0.25", "--save", str(tmp_path / "m2")]
+    assert thresholds_main(argv) == 1  # refused before any patch is made
     out = model(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 2, 32, 32)
 
