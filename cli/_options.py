@@ -104,6 +104,14 @@ lymphocyte_call_option = click.option(
 )
 
 
+keep_dye_option = click.option(
+    "--keep-dye",
+    is_flag=True,
+    help="Keep found objects of tissue-marking dye's colours (blue, teal, green ink: red absorbed far more than "
+    "green, which no mix of hematoxylin and eosin gives); by default they are dropped, not counted as nuclei.",
+)
+
+
 lymphocyte_threshold_option = click.option(
     "--lymphocyte-threshold",
     type=FiniteFloatRange(0.0, 1.0),

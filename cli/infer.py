@@ -7,6 +7,7 @@ import click
 from pysynth.cli._options import (
     device_option,
     input_mpp_option,
+    keep_dye_option,
     lymphocyte_call_option,
     lymphocyte_threshold_option,
     min_confidence_option,
@@ -82,6 +83,7 @@ from pysynth.cli._options import (
 @min_confidence_option
 @lymphocyte_threshold_option
 @lymphocyte_call_option
+@keep_dye_option
 @device_option
 @precision_option
 @click.option(
@@ -118,6 +120,7 @@ def infer_command(
     min_confidence: float | None,
     lymphocyte_threshold: float | None,
     lymphocyte_call: str,
+    keep_dye: bool,
     device: str,
     precision: str,
     workers: int,
@@ -173,7 +176,7 @@ def infer_command(
         config = InferConfig(
             core=core, margin=margin, tile=tile, normalise=normalise, tta=tta, min_confidence=min_confidence,
             precision=precision, compile=compile_network, lymphocyte_threshold=lymphocyte_threshold, labels=labels,
-            geojson=geojson, lymphocyte_call=lymphocyte_call,
+            geojson=geojson, lymphocyte_call=lymphocyte_call, keep_dye=keep_dye,
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -7,6 +7,7 @@ import click
 from pysynth.cli._options import (
     device_option,
     input_mpp_option,
+    keep_dye_option,
     lymphocyte_call_option,
     lymphocyte_threshold_option,
     min_confidence_option,
@@ -28,6 +29,7 @@ from pysynth.cli._options import (
 @min_confidence_option
 @lymphocyte_threshold_option
 @lymphocyte_call_option
+@keep_dye_option
 @device_option
 @precision_option
 @click.option(
@@ -45,6 +47,7 @@ def segment_command(
     min_confidence: float | None,
     lymphocyte_threshold: float | None,
     lymphocyte_call: str,
+    keep_dye: bool,
     device: str,
     precision: str,
     overwrite: bool,
@@ -102,6 +105,8 @@ def segment_command(
         run_settings["lymphocyte_threshold"] = threshold
     if lymphocyte_call != "probability":  # recorded only when not the default, so earlier folders still match
         run_settings["lymphocyte_call"] = lymphocyte_call
+    if keep_dye:  # likewise
+        run_settings["keep_dye"] = True
     out = prepare_output_dir(out_dir)
 
     failures, refused, done, skipped, nuclei, pixels, seconds = [], [], 0, 0, 0, 0, 0.0
@@ -127,7 +132,9 @@ def segment_command(
                     rgb = read_region(reader, 0, 0, (h, w), reader.mpp)
                     mpp = reader.mpp
                 started = time.perf_counter()
-                found = segment_image(model, info, rgb, mpp, instances, precision=precision, tta=tta)
+                found = segment_image(
+                    model, info, rgb, mpp, instances, precision=precision, tta=tta, drop_dye=not keep_dye
+                )
                 seconds += time.perf_counter() - started
             except SlideError as exc:
                 failures.append(str(exc))

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 
+from pysynth.dye import dye_labels
 from pysynth.errors import PysynthError
 from pysynth.fsutil import atomic_write_bytes, atomic_write_text
 from pysynth.instances import InstanceConfig, Instances, find_instances, largest_parts, trace_contours
@@ -296,6 +297,7 @@ def segment_image(
     tta: int = 1,
     core: int = CORE,
     context: int = CONTEXT,
+    drop_dye: bool = True,
 ) -> Instances:
     """Nuclei of an RGB image at ``mpp`` µm/px with their confidences, labels on the image's own pixel grid.
 
@@ -309,6 +311,7 @@ def segment_image(
         tta: Flips/rotations averaged (:func:`predict_maps`).
         core: Cores the network runs on (px at the model's resolution).
         context: Context around each core.
+        drop_dye: Drop the objects of tissue-marking dye's colours (:mod:`pysynth.dye`).
 
     Returns:
         :class:`~pysynth.instances.Instances` whose labels are int32 ``(h, w)``; confidences are computed at the
@@ -332,6 +335,8 @@ def segment_image(
     classes = bool(model.config.classes)
     maps = predict_maps(model, scaled, tile=core, context=context, precision=precision, tta=tta, classes=classes)
     found = find_instances(maps[0], maps[1], instances or info.instances)
+    if drop_dye:
+        found = found.keep(~dye_labels(found.labels, scaled, found.count))
     if classes:
         found = found.with_classes(maps[2])
     labels = to_image_grid(found.labels, (h, w), mpp, info.mpp)

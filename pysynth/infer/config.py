@@ -70,6 +70,8 @@ class InferConfig:
         lymphocyte_call: ``"probability"`` (default): a lymphocyte is a nucleus at ``lymphocyte_threshold`` or
             above; ``"probability+rule"``: its log-odds against that threshold plus the small-dark-round rule over
             the slide's nuclei is above 0 (:mod:`pysynth.lymphocyte`).
+        keep_dye: Keep the objects of tissue-marking dye's colours, which are dropped by default
+            (:mod:`pysynth.dye`: blue, teal or green ink absorbs red far more than green, which no H&E mix does).
         compile: Run the network through ``torch.compile`` (one compilation per window shape, about 8-12 s each on
             this project's 2-core CPU; falls back to eager with a warning where it cannot compile). On that CPU a
             2,304² pass alone ran 1.21× faster (5.15 against 4.25 Mpx/s), but end to end on a 50 Mpx bench slide
@@ -94,6 +96,7 @@ class InferConfig:
     precision: str = "fp32"
     lymphocyte_threshold: float | None = None
     lymphocyte_call: str = "probability"
+    keep_dye: bool = False
     compile: bool = False
     labels: str = "none"
     geojson: str = "plain"
@@ -134,10 +137,12 @@ class InferConfig:
     def record(self) -> dict:
         """The settings as recorded with a slide's results.
 
-        ``labels``, ``geojson`` and ``lymphocyte_call`` are there only when not their defaults, so the slides of
-        versions before them keep their identity.
+        ``labels``, ``geojson``, ``lymphocyte_call`` and ``keep_dye`` are there only when not their defaults, so
+        the slides of versions before them keep their identity.
         """
         out = asdict(self)
+        if not out["keep_dye"]:
+            del out["keep_dye"]
         if out["lymphocyte_call"] == "probability":
             del out["lymphocyte_call"]
         if out["labels"] == "none":

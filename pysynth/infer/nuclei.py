@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from pysynth.dye import dye_labels
 from pysynth.instances import InstanceConfig, find_instances, label_moments, trace_contours
 from pysynth.qupath import valid_ring
 from pysynth.shape import shape_features
@@ -24,6 +25,7 @@ def region_nuclei(
     level0_per_px: float,
     slide_hw: tuple[int, int],
     lymphocyte: np.ndarray | None = None,
+    drop_dye: bool = True,
 ) -> list[dict[str, Any]]:
     """The nuclei a region owns, with polygons in level-0 coordinates and measurements.
 
@@ -42,10 +44,13 @@ def region_nuclei(
         slide_hw: The slide's extent in model pixels (nuclei beyond it are dropped).
         lymphocyte: The class output's lymphocyte probability map of the window (None: no class output); each
             nucleus then has its mean as ``lymphocyte``.
+        drop_dye: Drop the objects of tissue-marking dye's colours (:mod:`pysynth.dye`).
     """
     from pysynth.table import stain_stats
 
     found = find_instances(det, seg, instances)
+    if drop_dye:
+        found = found.keep(~dye_labels(found.labels, original, found.count))
     if lymphocyte is not None:
         found = found.with_classes(lymphocyte)
     labels = found.labels

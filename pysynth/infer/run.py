@@ -161,11 +161,14 @@ def region_record(
     mpp: float,
     level0_per_px: float,
     slide_hw: tuple[int, int],
+    drop_dye: bool = True,
 ) -> dict[str, Any]:
     """What is saved for a region (here or on a cluster worker): the region and the nuclei it owns."""
     lymphocyte = maps[2] if len(maps) > 2 else None  # a class output's third map
     f = level0_per_px
-    nuclei = region_nuclei(window, maps[0], maps[1], region, origin, instances, mpp, f, slide_hw, lymphocyte)
+    nuclei = region_nuclei(
+        window, maps[0], maps[1], region, origin, instances, mpp, f, slide_hw, lymphocyte, drop_dye=drop_dye
+    )
     return {"region": asdict(region), "nuclei": nuclei}
 
 
@@ -207,6 +210,7 @@ def run_regions(
     margin: int,
     instances: InstanceConfig,
     timings: Timings,
+    drop_dye: bool = True,
     on_region: Callable[[int], None] | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> bool:
@@ -233,7 +237,8 @@ def run_regions(
 
     def finish(region: Region, window: np.ndarray, maps: tuple[np.ndarray, ...]) -> tuple[int, float, float]:
         t0 = time.perf_counter()
-        record = region_record(region, window, maps, boxes[region.index][:2], instances, mpp, f, slide_hw)
+        origin = boxes[region.index][:2]
+        record = region_record(region, window, maps, origin, instances, mpp, f, slide_hw, drop_dye=drop_dye)
         nuclei = record["nuclei"]
         t1 = time.perf_counter()
         atomic_write_text(parts / f"{region.index:06d}.json", json.dumps(record, separators=(",", ":")))
@@ -302,7 +307,8 @@ def region_task(
         f = mpp / reader.mpp
     normalised = ColourModel(colour["method"], colour["params"]).apply(window, lookup=False)
     maps = Network(model, config, info.has_classes)(normalised)
-    return region_record(region, window, maps, origin, config.instances(info.instances), mpp, f, slide_hw)
+    instances = config.instances(info.instances)
+    return region_record(region, window, maps, origin, instances, mpp, f, slide_hw, drop_dye=not config.keep_dye)
 
 
 class SchedulerLost(PysynthError):
@@ -421,7 +427,7 @@ def infer_slide(
         network = Network(model, config, info.has_classes)
         complete = run_regions(
             reader, todo, network, colour, parts, mpp=mpp, margin=config.margin, instances=instances,
-            timings=timings, on_region=on_region, stop=stop,
+            timings=timings, on_region=on_region, stop=stop, drop_dye=not config.keep_dye,
         )  # fmt: skip
         device_name = str(network.device)
     if not complete:

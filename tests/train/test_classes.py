@@ -8,8 +8,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import shapely
 import torch
 import yaml
+from scipy.spatial import cKDTree
 
 from pysynth.instances import Instances
 from pysynth.models.unet import UNet, UNetConfig
@@ -254,3 +256,34 @@ def test_infer_calls_lymphocytes_by_probability_and_rule_over_the_slide(
     rerun = run_cli(*args)
     assert rerun.code != 0
     assert "Traceback" not in rerun.err
+
+
+def test_segment_and_infer_make_the_same_rule_call_on_one_image(run_cli, tmp_path: Path, tissue_crop: np.ndarray):
+    # One image is one slide to infer: the rule's z-scores are over the same nuclei, so the calls are the same. At
+    # 40x, where both measure on the same grid (at 20x segment measures on the image's pixels and infer on the
+    # model's 0.25 µm/px, so areas and densities differ by a few percent and a few relative calls with them).
+    image = tmp_path / "tile.png"
+    cv2.imwrite(str(image), cv2.cvtColor(tissue_crop, cv2.COLOR_RGB2BGR))
+    calls = {}
+    for command in ("segment", "infer"):
+        out = tmp_path / command
+        result = run_cli(command, image, "--input-mpp", "0.25", "--out", out, "--lymphocyte-call", "probability+rule")
+        assert result.code == 0, result.err
+        path = out / "tile.geojson" if command == "segment" else out / "tile" / "nuclei.geojson"
+        features = json.loads(path.read_text())["features"]
+        centres = [shapely.geometry.shape(f["geometry"]).centroid for f in features]
+        kinds = [f["properties"]["classification"]["name"] for f in features]
+        calls[command] = (np.array([(c.x, c.y) for c in centres]), np.array(kinds))
+    (seg_xy, seg_kind), (inf_xy, inf_kind) = calls["segment"], calls["infer"]
+    probability = np.array([f["properties"]["measurements"]["Lymphocyte probability"] for f in features])  # infer's
+    threshold = json.loads((tmp_path / "infer" / "tile" / "summary.json").read_text())["lymphocyte_threshold"]
+    assert len(seg_xy) > 50
+    assert abs(len(seg_xy) - len(inf_xy)) <= 0.005 * len(seg_xy)
+    # Each of segment's nuclei has infer's at the same place (within a pixel: the outlines are the same up to
+    # vertex rounding), and the two call it alike.
+    distance, nearest = cKDTree(inf_xy).query(seg_xy)
+    matched = distance < 1.0
+    assert matched.mean() >= 0.99
+    assert (seg_kind[matched] == "Lymphocyte").sum() >= 3
+    assert (seg_kind[matched] == inf_kind[nearest[matched]]).all()
+    assert ((probability >= threshold) != (inf_kind == "Lymphocyte")).any()  # the rule made these calls
