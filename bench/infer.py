@@ -437,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--core", type=int, default=InferConfig.core)
     parser.add_argument("--margin", type=int, default=InferConfig.margin)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--keep-dye", action="store_true", help="keep objects of marking dye's colours")
     args = parser.parse_args(argv)
 
     from pysynth.infer import infer_slide, inference_model, model_digest
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     model, info = inference_model(str(folder))
     model = model.to(args.device)
     setup = peak_rss_mb()
-    config = InferConfig(core=args.core, margin=args.margin)
+    config = InferConfig(core=args.core, margin=args.margin, keep_dye=args.keep_dye)
     with open_slide(args.slide) as reader:
         result = infer_slide(reader, model, info, args.out, config=config, model_id=model_digest(folder))
     record = {

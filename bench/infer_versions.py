@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m pysynth.bench.infer_versions OTHER [--rounds 2] [--quick] [--json PATH]
+    python -m pysynth.bench.infer_versions OTHER [--rounds 2] [--quick] [--json PATH] [--keep-dye]
 
 ``OTHER`` is a source checkout of pysynth (for example ``git worktree add /tmp/before v0.1.0``) whose compiled
 core is built in place: ``pysynth/_core*.so`` next to its Python files (``cmake -S OTHER -B BUILD`` and
@@ -14,6 +14,8 @@ both, in an order that alternates between rounds, and the classical pipeline run
 this process. Reported: seconds and Mpx/s per version (medians over rounds), the paired speed ratio, both against
 the classical pipeline, and how far this checkout's nuclei are ``OTHER``'s (:func:`~pysynth.bench.infer.
 nucleus_agreement`: the share of ``OTHER``'s nuclei with one at IoU >= 0.98 and >= 0.9, and the count change).
+Against a checkout from before the dye filter (:mod:`pysynth.dye`) pass ``--keep-dye``: the bench slide is cut
+from the bundled slide, whose margin ink this checkout otherwise drops.
 """
 
 from __future__ import annotations
@@ -54,23 +56,27 @@ def check_checkout(other: Path) -> None:
         )
 
 
-def child_command(slide: Path, out: Path, other: Path | None) -> tuple[list[str], dict[str, str], Path | None]:
+def child_command(
+    slide: Path, out: Path, other: Path | None, keep_dye: bool = False
+) -> tuple[list[str], dict[str, str], Path | None]:
     """The command, environment and working folder that infer ``slide`` into ``out`` with this checkout or ``other``.
 
     ``other``'s child runs in ``other`` itself: ``python -c`` puts the working folder first on the path, and a
-    folder holding this checkout's ``pysynth`` would shadow ``other``'s.
+    folder holding this checkout's ``pysynth`` would shadow ``other``'s. ``keep_dye``: this checkout keeps the
+    objects of marking dye's colours, as checkouts from before that filter did (``other`` runs as it is).
     """
     env = dict(os.environ)
     if other is None:
-        return [sys.executable, "-m", "pysynth.bench.infer", str(slide), str(out)], env, None
+        command = [sys.executable, "-m", "pysynth.bench.infer", str(slide), str(out)]
+        return command + (["--keep-dye"] if keep_dye else []), env, None
     paths = [str(other), *site.getsitepackages()]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return [sys.executable, "-S", "-c", _OTHER_CHILD, str(other), str(slide), str(out)], env, other
 
 
-def run_child(slide: Path, out: Path, other: Path | None) -> dict:
+def run_child(slide: Path, out: Path, other: Path | None, keep_dye: bool = False) -> dict:
     """One inference in a fresh process: what ``pysynth.bench.infer``'s child prints (seconds, nuclei, ...)."""
-    command, env, cwd = child_command(slide, out, other)
+    command, env, cwd = child_command(slide, out, other, keep_dye)
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, check=False)
     if proc.returncode != 0:
         who = "this checkout" if other is None else str(other)
@@ -101,8 +107,12 @@ def median_stages(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(run[k] for run in runs if k in run), 2) for k in names}
 
 
-def compare(other: Path, rounds: int = 2, quick: bool = False) -> dict:
-    """Both versions on one bench slide, ``rounds`` times each, and the classical pipeline once."""
+def compare(other: Path, rounds: int = 2, quick: bool = False, keep_dye: bool = False) -> dict:
+    """Both versions on one bench slide, ``rounds`` times each, and the classical pipeline once.
+
+    ``keep_dye``: this checkout keeps marking dye's objects (:func:`child_command`), for the same nuclei as a
+    checkout from before the dye filter.
+    """
     from pysynth.bench.make_slide import load_source, write_pyramidal_tiff
     from pysynth.infer import GEOJSON, InferConfig
     from pysynth.models.io import default_model_dir, read_model_info
@@ -124,7 +134,7 @@ def compare(other: Path, rounds: int = 2, quick: bool = False) -> dict:
             order = ("other", "this") if r % 2 == 0 else ("this", "other")
             for who in order:
                 out = work / f"{who}-{r}"
-                record[who] = run_child(slide, out, other if who == "other" else None)
+                record[who] = run_child(slide, out, other if who == "other" else None, keep_dye)
                 seconds[who].append(float(record[who]["seconds"]))
                 stages[who].append(stage_seconds(out))
         agreement = nucleus_agreement(work / f"other-{rounds - 1}" / GEOJSON, work / f"this-{rounds - 1}" / GEOJSON)
@@ -140,6 +150,7 @@ def compare(other: Path, rounds: int = 2, quick: bool = False) -> dict:
         "slide": f"{plan.side:,}² px at {mpp} µm/px, {record['this']['regions']} regions, "
         f"{pixels / 1e6:.1f} Mpx of cores",
         "rounds": rounds,
+        **({"this_keeps_dye": True} if keep_dye else {}),
         "seconds": {who: [round(v, 2) for v in s] for who, s in seconds.items()},
         "mpx_per_s": {who: round(v, 3) for who, v in rate.items()},
         "this_vs_other": round(statistics.median(paired), 3),
@@ -158,11 +169,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each version (default 2)")
     parser.add_argument("--quick", action="store_true", help="the small bench slide (a smoke run)")
     parser.add_argument("--json", type=Path, help="also write the result to this JSON file")
+    parser.add_argument(
+        "--keep-dye",
+        action="store_true",
+        help="this checkout keeps marking dye's objects too (for the same nuclei as a checkout from before the filter)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     try:
-        result = compare(args.other.resolve(), args.rounds, args.quick)
+        result = compare(args.other.resolve(), args.rounds, args.quick, args.keep_dye)
     except VersionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -45,6 +45,11 @@ def test_this_checkout_runs_from_the_environment(tmp_path: Path) -> None:
     assert "-S" in command
     assert cwd == tmp_path
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)
+    # --keep-dye is for this checkout only (a checkout from before the dye filter knows no such option).
+    command, _, _ = infer_versions.child_command(tmp_path / "s.tiff", tmp_path / "o", None, keep_dye=True)
+    assert command[-1] == "--keep-dye"
+    command, _, _ = infer_versions.child_command(tmp_path / "s.tiff", tmp_path / "o", tmp_path, keep_dye=True)
+    assert "--keep-dye" not in command
 
 
 def test_what_cannot_run_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
