@@ -11,7 +11,7 @@ from pysynth.segment import TTA_CHOICES
 PARTS = ".parts"
 SETTINGS = "settings.json"
 #: Version of the per-nucleus measurements: regions saved by a version with other measurements are not mixed in.
-MEASUREMENTS_VERSION = 3  # 3: hematoxylin spread and eosin mean and spread
+MEASUREMENTS_VERSION = 4  # 3: hematoxylin spread and eosin mean and spread; 4: marking dye dropped (pysynth.dye)
 #: Least context around a region (model px). It must exceed the largest nucleus (about 15 µm, 60 px at 0.25 µm/px)
 #: so the region that keeps a nucleus sees it whole, and the network's reach so its maps near a seam are those of
 #: one pass. On the seam test's real region (134 nuclei, cores of 160 px, default model) margins of 128 and 96 give
