@@ -24,6 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pysynth.dye import dye_labels
 from pysynth.errors import PysynthError
 from pysynth.fsutil import atomic_write_bytes, atomic_write_text
 from pysynth.instances import InstanceConfig, find_instances
@@ -105,13 +106,22 @@ class AdaptConfig:
 
 
 def pseudo_labels(
-    detection: np.ndarray, segmentation: np.ndarray, instances: InstanceConfig, config: AdaptConfig
+    detection: np.ndarray,
+    segmentation: np.ndarray,
+    instances: InstanceConfig,
+    config: AdaptConfig,
+    rgb: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """A teacher's maps → int32 labels: sure nuclei ``1..n``, background 0, :data:`IGNORE_LABEL` where unsure.
 
+    With the tile's ``rgb`` (on the maps' grid), objects of marking dye's colours (:mod:`pysynth.dye`) are
+    background, however sure the teacher is: what ``segment`` and ``infer`` drop, the student learns is not a
+    nucleus.
+
     Returns:
-        ``(labels, stats)``; stats: ``objects``, ``sure`` (count), ``negatives`` (count), ``labelled`` (share of
-        pixels not ignored), ``nuclear`` (share of pixels in sure nuclei), ``mean_confidence``.
+        ``(labels, stats)``; stats: ``objects``, ``sure`` (count), ``negatives`` (count, dye included), ``dye``
+        (count), ``labelled`` (share of pixels not ignored), ``nuclear`` (share of pixels in sure nuclei),
+        ``mean_confidence``.
     """
     # every object, whatever the model's minimum confidence: the doubted ones are sorted below
     objects = find_instances(detection, segmentation, replace(instances, min_confidence=0.0))
@@ -119,6 +129,9 @@ def pseudo_labels(
     n = int(found.max()) if found.size else 0
     is_sure = confidence >= config.sure
     is_negative = confidence < config.negative_below
+    dye = dye_labels(found, rgb, n) if rgb is not None else np.zeros(n + 1, bool)
+    is_sure &= ~dye
+    is_negative |= dye
     is_sure[0] = is_negative[0] = False
     new_id = np.zeros(n + 1, np.int32)
     new_id[is_sure] = np.arange(1, int(is_sure.sum()) + 1, dtype=np.int32)
@@ -134,6 +147,7 @@ def pseudo_labels(
         "objects": float(n),
         "sure": float(is_sure.sum()),
         "negatives": float(is_negative[1:].sum()) if n else 0.0,
+        "dye": float(dye[1:].sum()) if n else 0.0,
         "labelled": float(1.0 - ignore.mean()),
         "nuclear": float((labels[~ignore] > 0).sum() / labels.size),
         "mean_confidence": float(confidence[1:].mean()) if n else 0.0,
@@ -173,7 +187,7 @@ def label_tiles(
         else:
             scaled = np.ascontiguousarray(to_model_grid(rgb, mpp, info.mpp))
             det, seg = predict_maps(model, scaled, tta=config.tta)
-            labels, stats = pseudo_labels(det, seg, info.instances, config)
+            labels, stats = pseudo_labels(det, seg, info.instances, config, scaled)
             tissue = tissue_mask_from_rgb(scaled, info.mpp)
             stats["tissue_mpx"] = float(tissue.sum() / 1e6)
             stats["labelled_tissue"] = float((labels[tissue] != IGNORE_LABEL).mean()) if tissue.any() else 0.0

@@ -62,6 +62,25 @@ def test_pseudo_labels_keep_what_the_teacher_is_sure_of() -> None:
     # without negatives the doubted object is ignored instead
     labels2, _ = pseudo_labels(det, seg, instances, AdaptConfig(negative_below=0.0))
     assert (labels2[doubted] == IGNORE_LABEL).all()
+    assert stats["dye"] == 0  # no image given: no dye test
+
+
+def test_pseudo_labels_make_marking_dye_background_however_sure_the_teacher_is() -> None:
+    det, seg, discs = _maps()
+    instances = InstanceConfig(detection_threshold=0.5, foreground_threshold=0.25, min_size=10)
+    config = AdaptConfig(sure=0.8, negative_below=0.5, background_below=0.15, ring=2)
+    rgb = np.full((160, 160, 3), 235, np.uint8)
+    rgb[discs["sure"]] = (60, 40, 130)  # a hematoxylin-purple nucleus: kept
+    labels, stats = pseudo_labels(det, seg, instances, config, rgb)
+    assert stats["sure"] == 1
+    assert stats["dye"] == 0
+    rgb[discs["sure"]] = (40, 120, 125)  # the same object in teal ink: background, not a nucleus
+    labels, stats = pseudo_labels(det, seg, instances, config, rgb)
+    inner = cv2.erode(discs["sure"].astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    assert (labels[inner] == 0).all()
+    assert stats["sure"] == 0
+    assert stats["dye"] == 1
+    assert stats["negatives"] == 2  # the doubted disc and the dye
 
 
 def test_ignored_pixels_have_no_loss_weight() -> None:
