@@ -68,6 +68,7 @@ def segment_command(
 
     from tqdm import tqdm
 
+    from pysynth.dye import RED_GREEN_LIMIT
     from pysynth.errors import PysynthError, SlideError
     from pysynth.fsutil import prepare_output_dir
     from pysynth.infer import inference_model, keep_freed_memory
@@ -107,6 +108,8 @@ def segment_command(
         run_settings["lymphocyte_call"] = lymphocyte_call
     if keep_dye:  # likewise
         run_settings["keep_dye"] = True
+    else:  # images segmented before the dye filter are redone with --overwrite, not mixed with these
+        run_settings["dye_red_green_limit"] = RED_GREEN_LIMIT
     out = prepare_output_dir(out_dir)
 
     failures, refused, done, skipped, nuclei, pixels, seconds = [], [], 0, 0, 0, 0, 0.0

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pysynth.dye import RED_GREEN_LIMIT, dye_labels, red_green_od
+from pysynth.ledger import read_ledger
 from pysynth.synth.deconv import hed_to_rgb
 
 
@@ -81,6 +82,10 @@ def test_segment_and_infer_drop_the_dye_and_keep_it_with_keep_dye(tmp_path, run_
         result = run_cli("segment", str(png), "--input-mpp", "0.25", "--out", str(tmp_path / f"s-{name}"), *flags)
         assert result.code == 0, result.err
         segment_features = json.loads((tmp_path / f"s-{name}" / "inked.geojson").read_text())["features"]
+        (entry,) = read_ledger(tmp_path / f"s-{name}")["entries"].values()
+        settings = entry["settings"]
+        assert settings.get("keep_dye", False) == bool(flags)
+        assert ("dye_red_green_limit" in settings) != bool(flags)  # what decides the result, recorded
         result = run_cli("infer", str(png), "--input-mpp", "0.25", "--out", str(tmp_path / f"i-{name}"), *flags)
         assert result.code == 0, result.err
         summary = json.loads((tmp_path / f"i-{name}" / "inked" / "summary.json").read_text())
