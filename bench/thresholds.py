@@ -3,7 +3,7 @@
 Usage::
 
     python -m pysynth.bench.thresholds MODEL --real SOURCE [--real SOURCE ...] [--input-mpp UM] [--json OUT]
-        [--save DIR]
+        [--save DIR] [--min-area-grid]
 
 ``MODEL`` is a model folder or a shipped model's name; ``--real`` and ``--input-mpp`` are the sources it was trained
 on, as its training command gave them. The held-out patches are rebuilt from the model's ``config.yaml`` exactly as
@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 
-def rechoose(model: str, real: list[Path], input_mpp: float | None) -> dict[str, Any]:
-    """The recorded and the re-chosen post-processing of ``model``, with the reference row and the grid."""
+def rechoose(model: str, real: list[Path], input_mpp: float | None, min_areas: bool = False) -> dict[str, Any]:
+    """The recorded and the re-chosen post-processing of ``model``, with the reference row and the grid.
+
+    ``min_areas``: the wider grid, with minimum nucleus areas (:func:`pysynth.train.loop.validate_thresholds`).
+    """
     from pysynth.models.io import load_model, resolve_model_dir
     from pysynth.train.config import TrainConfig, load_config_file
     from pysynth.train.loop import VAL_OFFSET, ItemMaker, make_source, validate_thresholds
@@ -39,7 +42,7 @@ def rechoose(model: str, real: list[Path], input_mpp: float | None) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="pysynth-thresholds-") as tmp:
         maker = ItemMaker(make_source(config, Path(tmp), real, None, input_mpp), config)
         items = [maker(VAL_OFFSET + k) for k in range(config.val_patches)]
-        chosen, table, _ = validate_thresholds(net, items, config, Path(tmp))
+        chosen, table, _ = validate_thresholds(net, items, config, Path(tmp), min_areas=min_areas)
     reference = max(table, key=lambda row: (row["aji"], row["pq"]))
     return {
         "model": model,
@@ -81,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-mpp", type=float, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--save", type=Path, default=None, help="write a copy of the model with the chosen setting")
+    parser.add_argument(
+        "--min-area-grid", action="store_true", help="also search minimum nucleus areas of 4, 8, 12 and 16 µm²"
+    )
     args = parser.parse_args(argv)
     try:
         if args.save is not None and args.save.exists():
             raise PysynthError(f"{args.save} exists: --save writes a new folder")
-        result = rechoose(args.model, args.real, args.input_mpp)
+        result = rechoose(args.model, args.real, args.input_mpp, args.min_area_grid)
         if args.save is not None:
             save_rechosen(args.model, result["chosen"], args.save)
     except PysynthError as exc:

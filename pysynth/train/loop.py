@@ -205,13 +205,14 @@ def predict_batch(model: UNet, images: np.ndarray) -> np.ndarray:
 #: Minimum confidences :func:`choose_thresholds` tries.
 MIN_CONFIDENCE_GRID = (0.0, 0.5, 0.6, 0.7, 0.8)
 
-#: Minimum nucleus areas (µm²) that training's search tries besides its base minimum size and twice it: discs of
-#: about 2.3, 3.2, 3.9 and 4.5 µm diameter, below the size of a lymphocyte's nucleus (about 6 µm).
+#: Minimum nucleus areas (µm²) that the wider search (``validate_thresholds(min_areas=True)``) tries besides the
+#: base minimum size and twice it: discs of about 2.3, 3.2, 3.9 and 4.5 µm diameter, below the size of a
+#: lymphocyte's nucleus (about 6 µm).
 MIN_AREA_GRID_UM2 = (4.0, 8.0, 12.0, 16.0)
 
 
 def min_size_grid(base_px: int, mpp: float, areas_um2: Sequence[float] = MIN_AREA_GRID_UM2) -> tuple[int, ...]:
-    """The minimum sizes (px at ``mpp`` µm/px) training's search tries: ``base_px``, twice it, and ``areas_um2``.
+    """The minimum sizes (px at ``mpp`` µm/px) the wider search tries: ``base_px``, twice it, and ``areas_um2``.
 
     Sorted and without repeats; sizes below the base are left out.
     """
@@ -398,9 +399,19 @@ def segmenter_update(optimiser: torch.optim.Optimizer, model: UNet, loss: torch.
 
 
 def validate_thresholds(
-    model: UNet, val_items: Sequence[dict[str, np.ndarray]], config: TrainConfig, out_dir: Path
+    model: UNet,
+    val_items: Sequence[dict[str, np.ndarray]],
+    config: TrainConfig,
+    out_dir: Path,
+    min_areas: bool = False,
 ) -> tuple[InstanceConfig, list[dict[str, float]], np.ndarray]:
-    """Post-processing chosen on held-out items (``validation.json``): ``(best, grid table, probability maps)``."""
+    """Post-processing chosen on held-out items (``validation.json``): ``(best, grid table, probability maps)``.
+
+    ``min_areas``: the minimum size is also searched over :data:`MIN_AREA_GRID_UM2` (:func:`min_size_grid`): three
+    times the settings, and the grid's time with them (on 96 patches of 240² px the base grid alone takes about
+    4 minutes on a 2-core CPU, a one-off timing), so training leaves it off; ``bench.thresholds
+    --min-area-grid`` runs it.
+    """
     maps = np.concatenate(
         [
             predict_batch(model, np.stack([it["image"] for it in val_items[k : k + 16]]))
@@ -408,7 +419,7 @@ def validate_thresholds(
         ]
     )
     base = InstanceConfig(min_size=max(1, round(20 * (0.25 / config.synth.model_mpp) ** 2)))
-    sizes = min_size_grid(base.min_size, config.synth.model_mpp)
+    sizes = min_size_grid(base.min_size, config.synth.model_mpp) if min_areas else None
     best, table = choose_thresholds(maps, [it["labels"] for it in val_items], base, min_sizes=sizes)
     atomic_write_text(out_dir / "validation.json", json.dumps({"chosen": asdict(best), "grid": table}, indent=1) + "\n")
     return best, table, maps

@@ -60,10 +60,8 @@ def test_a_run_writes_a_usable_model_folder(tmp_path: Path, real_png: Path) -> N
     assert info.mpp == 0.25
     assert TrainConfig.from_dict(load_config_file(folder / "config.yaml")) == config
     validation = json.loads((folder / "validation.json").read_text())
-    sizes = min_size_grid(max(1, round(20 * (0.25 / config.synth.model_mpp) ** 2)), config.synth.model_mpp)
-    assert len(sizes) == 6
-    assert len(validation["grid"]) == 40 * len(sizes) * len(MIN_CONFIDENCE_GRID)
-    assert {row["min_size"] for row in validation["grid"]} == set(sizes)
+    assert len(validation["grid"]) == 80 * len(MIN_CONFIDENCE_GRID)  # training's grid: the base size and twice it
+    assert {row["min_size"] for row in validation["grid"]} == {20, 40}
     # The model keeps the grid's chosen setting: as good as the best (one-standard-error rule), and no setting as good
     # has a higher minimum confidence (choose_thresholds' rule itself is checked in test_choose_thresholds.py).
     keys = InstanceConfig.__dataclass_fields__
@@ -82,6 +80,13 @@ def test_a_run_writes_a_usable_model_folder(tmp_path: Path, real_png: Path) -> N
     assert again["chosen"] == again["recorded"] == asdict(info.instances)
     assert again["chosen_row"] == kept
     assert again["settings"] == len(validation["grid"])
+    # The wider grid (bench.thresholds --min-area-grid): the minimum areas too, chosen by the same rule.
+    wide = rechoose(str(folder), [real_png], 0.25, min_areas=True)
+    sizes = min_size_grid(20, config.synth.model_mpp)
+    assert len(sizes) == 6
+    assert wide["settings"] == 40 * len(sizes) * len(MIN_CONFIDENCE_GRID)
+    assert wide["chosen_row"]["as_good"]
+    assert wide["chosen"]["min_confidence"] >= kept["min_confidence"]  # the narrower grid's settings are in it
     # --save: a copy of the folder whose model.json has the given post-processing, the weights unchanged.
     from pysynth.bench.thresholds import main as thresholds_main
     from pysynth.bench.thresholds import save_rechosen
