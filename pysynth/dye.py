@@ -6,10 +6,10 @@ Lambert: stains add) hematoxylin absorbs red about as much as green (Ruifrok and
 0.65/0.70 = 0.93) and eosin hardly absorbs red (0.07/0.99), so every mix of the two has a red/green OD ratio
 below 0.93. Blue, teal and green dyes absorb red far more than green. An object whose mean red OD is at least
 :data:`RED_GREEN_LIMIT` times its mean green OD is therefore not an H&E-stained nucleus; the limit leaves room
-for a hematoxylin 40% more red-absorbing than the reference. It reads no label and was not fitted: on the dev
-sets' annotated nuclei the largest ratio was 1.04 (MoNuSeg, 13 tiles of 7 organs); 2 of the 33,287 objects the
-shipped model finds on BRCA-M2C (two pale slivers) and 254 of the 3,140 that ``infer`` found on the bundled dermis
-slide (its blue-green margin ink) are above it.
+for a hematoxylin 40% more red-absorbing than the reference. It reads no label and was not fitted
+(``python -m pysynth.bench.dye``): the largest ratio of an annotated nucleus is 1.04 (MoNuSeg, 13 tiles of 7
+organs); none of the shipped model's objects on MoNuSeg (largest 1.13) or on BRCA-M2C's 120 tiles (largest 1.28)
+reaches it, and 255 of its 3,143 on the bundled dermis slide (the slide's blue-green margin ink) do.
 
 Black ink absorbs all colours alike (ratio about 1) and is not caught; nor are red or yellow dyes (below 0.93).
 """

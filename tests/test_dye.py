@@ -98,3 +98,25 @@ def test_segment_and_infer_drop_the_dye_and_keep_it_with_keep_dye(tmp_path, run_
     assert result.code != 0
     result = run_cli("segment", str(png), "--input-mpp", "0.25", "--out", str(tmp_path / "s-drop"), "--keep-dye")
     assert result.code != 0
+
+
+def test_bench_dye_counts_the_objects_the_filter_would_drop(model_info, inked, tmp_path, capsys) -> None:
+    from pysynth.bench import dye as bench_dye
+    from pysynth.segment import segment_image
+
+    model, info = model_info
+    got = bench_dye.object_counts(model, info, [(inked, 0.25), (inked[:256], 0.25)])
+    expected = 0
+    total = 0
+    for rgb in (inked, inked[:256]):
+        every = segment_image(model, info, rgb, 0.25, drop_dye=False)
+        expected += int(dye_labels(every.labels, rgb)[1:].sum())
+        total += every.count
+    assert got["objects"] == total
+    assert got["at_or_above_limit"] == expected >= 20
+    assert got["largest_ratio"] >= RED_GREEN_LIMIT
+    # Without the dev sets: one line, exit 1.
+    assert bench_dye.main(["--monuseg", str(tmp_path / "none"), "--brca", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("error: dev sets not found")
